@@ -1,0 +1,346 @@
+"""Building blocks shared by every family: norms, MLPs, rotary embeddings, attention.
+
+Conventions
+- Linear kernels are stored `[in, out]` (PyTorch stores `[out, in]`; conversion transposes).
+- Activations are `[batch, seq, features]`; heads are split as `[batch, seq, heads, head_dim]`.
+- Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`, ...);
+  `jaxvlm.train.sharding` maps them onto mesh axes. Without a mesh the names cost nothing.
+- Rotary embeddings follow the HF "rotate-half" layout so converted weights need no permutation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+
+# ----------------------------------------------------------------------------- initialisers
+
+
+def dense_init(axes: tuple[str, ...], std: float = 0.02):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros_init(axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    """Logical sharding constraint on an activation (a no-op outside a mesh + rules context)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+class Linear(nn.Module):
+    """`y = x @ kernel (+ bias)` with logical axes on the kernel `[in, out]`."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", dense_init(self.axes), (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", zeros_init(self.axes[1:]), (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    """Llama/Qwen RMSNorm: statistics in fp32, weight applied after casting back (as HF does)."""
+
+    eps: float = 1e-6
+    axis_name: str = "embed"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", ones_init((self.axis_name,)), (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * xf.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with bias; statistics in fp32."""
+
+    eps: float = 1e-5
+    axis_name: str = "embed"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", ones_init((self.axis_name,)), (d,), self.param_dtype)
+        bias = self.param("bias", zeros_init((self.axis_name,)), (d,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale + bias).astype(self.dtype)
+
+
+def make_norm(kind: str, eps: float, dtype: Dtype, param_dtype: Dtype, name: str, axis_name: str = "embed"):
+    cls = {"rms": RMSNorm, "layer": LayerNorm}[kind]
+    return cls(eps=eps, axis_name=axis_name, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+# ----------------------------------------------------------------------------- activations / MLPs
+
+
+def quick_gelu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU-style `down(act(gate(x)) * up(x))` (Llama, Qwen2, Qwen2.5-VL vision)."""
+
+    intermediate_size: int
+    act: str = "silu"
+    use_bias: bool = False
+    embed_axis: str = "embed"
+    mlp_axis: str = "mlp"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        ax_in, ax_out = (self.embed_axis, self.mlp_axis), (self.mlp_axis, self.embed_axis)
+        gate = Linear(self.intermediate_size, ax_in, name="gate_proj", **kw)(x)
+        up = Linear(self.intermediate_size, ax_in, name="up_proj", **kw)(x)
+        return Linear(x.shape[-1], ax_out, name="down_proj", **kw)(activation(self.act)(gate) * up)
+
+
+class MLP(nn.Module):
+    """Plain `fc2(act(fc1(x)))` (CLIP, LLaVA projector, Qwen2-VL vision)."""
+
+    intermediate_size: int
+    out_features: int | None = None
+    act: str = "gelu"
+    use_bias: bool = True
+    names: tuple[str, str] = ("fc1", "fc2")
+    embed_axis: str = "embed"
+    mlp_axis: str = "mlp"
+    out_axis: str | None = None   # logical name of the output features (default: embed_axis)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = Linear(self.intermediate_size, (self.embed_axis, self.mlp_axis), name=self.names[0], **kw)(x)
+        out = self.out_features or x.shape[-1]
+        axes = (self.mlp_axis, self.out_axis or self.embed_axis)
+        return Linear(out, axes, name=self.names[1], **kw)(activation(self.act)(h))
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
+                  rotary_dim: int | None = None) -> tuple[np.ndarray, float]:
+    """Inverse frequencies `[rotary_dim/2]` (fp32, computed in fp64 then rounded) and the
+    attention scaling factor for a rope variant.
+
+    Variants (`scaling["rope_type"]`): `default`, `linear`, `llama3` (Llama-3.1 wavelength-
+    dependent scaling), `dynamic` (NTK: the base is rescaled at run time from the sequence
+    length, see `dynamic_ntk_inv_freq`; here the unscaled frequencies are returned).
+    """
+    dim = rotary_dim or head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float64(theta) ** exponent.astype(np.float64))).astype(np.float32)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) or "default"
+    if kind in ("default", "mrope", "dynamic"):
+        return inv_freq, 1.0
+    if kind == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32), 1.0
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq.astype(np.float64)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    raise ValueError(f"unsupported rope_type {kind!r} (known: default, linear, llama3, dynamic, mrope)")
+
+
+def dynamic_ntk_inv_freq(head_dim: int, theta: float, seq_len: Array, max_pos: int, factor: float) -> Array:
+    """HF dynamic-NTK rope: base grows with the sequence length beyond `max_pos` (jittable)."""
+    seq = jnp.maximum(seq_len.astype(jnp.float32), float(max_pos))
+    base = theta * ((factor * seq / max_pos) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    return 1.0 / (base ** exponent)
+
+
+def rope_cos_sin(positions: Array, inv_freq: Array, scaling: float = 1.0,
+                 mrope_section: Sequence[int] | None = None) -> tuple[Array, Array]:
+    """cos/sin tables `[B, T, rotary_dim]` in fp32.
+
+    positions: `[B, T]` ints, or `[3, B, T]` (temporal, height, width) for M-RoPE, in which case
+    the `head_dim/2` frequencies are split into `mrope_section` chunks, chunk i taking its
+    angle from axis i (Qwen2-VL / Qwen2.5-VL).
+    """
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    if positions.ndim == 3:
+        if mrope_section is None or sum(mrope_section) != inv_freq.shape[0]:
+            raise ValueError(f"M-RoPE needs mrope_section summing to {inv_freq.shape[0]}, got {mrope_section}")
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [3, B, T, F]
+        axis_of = jnp.asarray(np.concatenate([np.full(n, i) for i, n in enumerate(mrope_section)]))
+        out = freqs[0]
+        for i in range(1, positions.shape[0]):
+            out = jnp.where(axis_of == i, freqs[i], out)
+        freqs = out
+    else:
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, F]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
+
+
+def rotate_half(x: Array) -> Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """x: `[B, T, H, D]`; cos/sin `[B, T, R]` with R <= D (partial rotary leaves the rest)."""
+    r = cos.shape[-1]
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    xr, xp = x[..., :r], x[..., r:]
+    return jnp.concatenate([xr * cos + rotate_half(xr) * sin, xp], axis=-1)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def dot_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float | None = None,
+                  return_probs: bool = False, impl: str = "xla") -> tuple[Array, Array | None]:
+    """Grouped-query scaled dot-product attention, the one attention of the library.
+
+    q: `[B, T, H, D]`, k/v: `[B, S, K, D]` with H a multiple of K; mask: bool, broadcastable to
+    `[B, 1, T, S]` (True = attend). Softmax in fp32. Returns `([B, T, H, D], probs [B, H, T, S] | None)`.
+    `impl="cudnn"`/`"auto"` uses `jax.nn.dot_product_attention` (fused kernels on GPU) when no
+    probabilities are requested.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    if impl != "xla" and not return_probs:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                           implementation=None if impl == "auto" else impl)
+        return out, None
+    g = h // kvh
+    qg = q.reshape(b, t, kvh, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        m = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))[:, :, None]  # [B,1,1,T,S]
+        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v).reshape(b, t, h, d)
+    return out, (probs.reshape(b, h, t, -1) if return_probs else None)
+
+
+def causal_mask(q_slots: Array, kv_valid: Array) -> Array:
+    """Bool `[B, 1, T, S]`: key slot s is visible to the query at slot q iff s <= q and s is valid.
+
+    q_slots: `[B, T]` or `[T]` slot index of each query; kv_valid: `[B, S]` bool.
+    """
+    s = jnp.arange(kv_valid.shape[1])
+    q = q_slots if q_slots.ndim == 2 else q_slots[None]
+    return (s[None, None, :] <= q[:, :, None])[:, None] & kv_valid[:, None, None, :].astype(bool)
+
+
+def full_mask(kv_valid: Array) -> Array:
+    """Bidirectional attention over valid keys: `[B, 1, 1, S]`."""
+    return kv_valid[:, None, None, :].astype(bool)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with optional rotary and KV cache.
+
+    `__call__(x [B,T,E], cos/sin [B,T,R] | None, mask [B,1,T,S], cache=(k, v) [B,S,K,D] | None,
+    cache_index: scalar slot where x's first token goes)` -> `(out [B,T,E], probs | None, new_cache)`.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    out_bias: bool = False
+    names: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    embed_axis: str = "embed"
+    heads_axis: str = "heads"
+    kv_heads_axis: str = "kv_heads"
+    scale: float | None = None
+    impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array | None, sin: Array | None, mask: Array | None,
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
+                 return_probs: bool = False):
+        b, t, _ = x.shape
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        hd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q = Linear(hd, (self.embed_axis, self.heads_axis), self.qkv_bias, name=self.names[0], **kw)(x)
+        k = Linear(kvd, (self.embed_axis, self.kv_heads_axis), self.qkv_bias, name=self.names[1], **kw)(x)
+        v = Linear(kvd, (self.embed_axis, self.kv_heads_axis), self.qkv_bias, name=self.names[2], **kw)(x)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        new_cache = None
+        if cache is not None:
+            ck, cv = cache
+            idx = (0, cache_index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
+            new_cache = (ck, cv)
+            k, v = ck.astype(self.dtype), cv.astype(self.dtype)
+        out, probs = dot_attention(q, k, v, mask, scale=self.scale, return_probs=return_probs, impl=self.impl)
+        out = out.reshape(b, t, hd)
+        out = Linear(x.shape[-1], (self.heads_axis, self.embed_axis), self.out_bias, name=self.names[3], **kw)(out)
+        return out, probs, new_cache

@@ -1,0 +1,290 @@
+"""Decoder-only language model: Llama-2 / Vicuna, Llama-3.1, Qwen2 (and the LM of Qwen2-VL /
+Qwen2.5-VL) from one module with config switches. Layers are scanned (`nn.scan`), so compile
+time does not grow with depth and every layer parameter has a leading `layers` axis.
+
+Example:
+    >>> from jaxvlm.models.params import init_params
+    >>> cfg = LMConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+    ...                num_heads=4, num_kv_heads=2)
+    >>> model = DecoderLM(cfg)
+    >>> params = init_params(model, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    >>> out = model.apply({"params": params}, jnp.ones((1, 8), jnp.int32), output_hidden_states=True)
+    >>> out.logits.shape, out.hidden_states.shape       # ((1, 8, 128), (3, 1, 8, 64))
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxvlm.models import layers as L
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _freeze(d: Mapping | None):
+    """Dict -> sorted tuple of items, so configs stay hashable (usable as static jit args)."""
+    if d is None:
+        return None
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple | None = None          # frozen dict items, e.g. llama3 parameters
+    mrope_section: tuple[int, ...] | None = None
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False                     # Qwen2: True
+    o_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"                     # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"                        # key of REMAT_POLICIES
+    attn_impl: str = "xla"                     # "xla" | "auto" | "cudnn" (see layers.dot_attention)
+    family: str = "llama"                      # "llama" | "qwen2"
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; known: {sorted(REMAT_POLICIES)}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
+        if self.mrope_section is not None:
+            object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
+
+    @property
+    def rope_scaling_dict(self) -> dict | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    def replace(self, **kw) -> "LMConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf(cls, hf: Any, **overrides) -> "LMConfig":
+        """From a transformers text config (object or dict; v4 `rope_theta/rope_scaling` or v5
+        `rope_parameters` schema). `model_type` picks the family."""
+        d = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
+        rope = dict(d.get("rope_parameters") or {})
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling") or None
+        if rope and rope.get("rope_type", "default") not in ("default", None):
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        elif scaling is None and rope.get("mrope_section") is not None:
+            scaling = None
+        if scaling is not None:
+            scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "mrope_section")}
+            if scaling.get("rope_type", scaling.get("type")) in (None, "default", "mrope"):
+                scaling = None
+        mrope = rope.get("mrope_section") or (d.get("rope_scaling") or {}).get("mrope_section")
+        model_type = d.get("model_type", "llama")
+        family = "qwen2" if model_type.startswith("qwen2") else "llama"
+        kw = dict(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim"), rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=_freeze(scaling), mrope_section=tuple(mrope) if mrope else None,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            qkv_bias=bool(d.get("attention_bias", False)) or family == "qwen2",
+            o_bias=bool(d.get("attention_bias", False)) and family == "llama",
+            mlp_bias=bool(d.get("mlp_bias", False)), hidden_act=d.get("hidden_act", "silu"),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), family=family,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@flax.struct.dataclass
+class LMOutput:
+    """What one LM call returns. Optional fields are None unless requested.
+
+    logits:        `[B, T, V]` (or `[B, 1, V]` with `logits="last"`)
+    hidden_states: `[L+1, B, T, D]`: index 0 = embeddings, index i = output of layer i (before the
+                   final norm; HF's tuple instead puts the final-norm state at index L)
+    final_hidden:  `[B, T, D]` after the final norm (what `lm_head` sees)
+    attentions:    `[len(attn_layers), B, H, T, S]` probabilities of the requested layers
+    cache:         updated KV cache `(k, v)`, each `[L, B, S, K, Dh]`
+    """
+
+    logits: Array | None
+    final_hidden: Array
+    hidden_states: Array | None = None
+    attentions: Array | None = None
+    cache: tuple[Array, Array] | None = None
+
+
+class DecoderBlock(nn.Module):
+    """One pre-norm decoder layer; scanned over layers by `DecoderLM`.
+
+    carry: dict(h [B,T,D], i layer index, optional k/v full caches [L,B,S,K,Dh], optional attn buffer).
+    """
+
+    cfg: LMConfig
+    attn_layers: tuple[int, ...] = ()
+    output_hidden_states: bool = False
+
+    @nn.compact
+    def __call__(self, carry: dict, cos, sin, mask, cache_index):
+        cfg = self.cfg
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        h, i = carry["h"], carry["i"]
+        layer_cache = None
+        if "k" in carry:
+            layer_cache = (carry["k"][i], carry["v"][i])
+        x = L.RMSNorm(cfg.rms_norm_eps, dtype=dt, param_dtype=pdt, name="input_layernorm")(h)
+        attn_out, probs, new_cache = L.Attention(
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias,
+            impl=cfg.attn_impl, dtype=dt, param_dtype=pdt, name="self_attn",
+        )(x, cos, sin, mask, layer_cache, cache_index, return_probs=bool(self.attn_layers))
+        h = h + attn_out
+        x = L.RMSNorm(cfg.rms_norm_eps, dtype=dt, param_dtype=pdt, name="post_attention_layernorm")(h)
+        h = h + L.GatedMLP(cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, dtype=dt, param_dtype=pdt,
+                           name="mlp")(x)
+        h = L.constrain(h, ("batch", "seq", "embed"))
+        out = dict(carry, h=h, i=i + 1)
+        if new_cache is not None:
+            out["k"] = carry["k"].at[i].set(new_cache[0])
+            out["v"] = carry["v"].at[i].set(new_cache[1])
+        if self.attn_layers:
+            buf = carry["attn"]
+            for j, layer in enumerate(self.attn_layers):
+                buf = buf.at[j].set(jnp.where(i == layer, probs.astype(buf.dtype), buf[j]))
+            out["attn"] = buf
+        return out, (h if self.output_hidden_states else None)
+
+
+class DecoderLM(nn.Module):
+    """Token embeddings -> scanned decoder blocks -> final RMSNorm -> lm_head."""
+
+    cfg: LMConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+        self.norm = L.RMSNorm(cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = L.Linear(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
+                                    param_dtype=jnp.dtype(cfg.param_dtype))
+
+    def embed(self, input_ids: Array) -> Array:
+        """`[B, T]` ids -> `[B, T, D]` embeddings."""
+        return self.embed_tokens(input_ids)
+
+    def head(self, h: Array) -> Array:
+        """`lm_head` on states that are already normed."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.attend(h)
+        return self.lm_head(h)
+
+    def logit_lens(self, hidden: Array, apply_norm: bool = True) -> Array:
+        """Vocabulary logits of any layer's state `[..., D]` (UE reads them *without* the norm)."""
+        return self.head(self.norm(hidden) if apply_norm else hidden)
+
+    def rotary(self, positions: Array) -> tuple[Array, Array]:
+        cfg = self.cfg
+        inv_freq, scale = L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+        return L.rope_cos_sin(positions, inv_freq, scale, cfg.mrope_section)
+
+    @nn.compact  # the scanned blocks are built here: their flags depend on what the call asks for
+    def __call__(self, input_ids: Array | None = None, *, inputs_embeds: Array | None = None,
+                 positions: Array | None = None, attention_mask: Array | None = None,
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | int | None = None,
+                 output_hidden_states: bool = False, attn_layers: Sequence[int] = (),
+                 logits: str = "all") -> LMOutput:
+        """Run the LM.
+
+        input_ids `[B, T]` or inputs_embeds `[B, T, D]`.
+        attention_mask: `[B, T]` (no cache) or `[B, S]` over cache slots (with cache), 1 = real token.
+        positions: `[B, T]` (or `[3, B, T]` M-RoPE); default `cumsum(mask) - 1` as HF `generate` does.
+        cache: `(k, v)` each `[L, B, S, K, Dh]`; the T new tokens are written at slots
+            `cache_index .. cache_index + T - 1` and attend to every valid earlier slot.
+        attn_layers: layers whose attention probabilities are returned (`[n, B, H, T, S]`).
+        logits: "all" | "last" (only the final position) | "none".
+        """
+        cfg = self.cfg
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(cfg.dtype))
+        b, t = h.shape[:2]
+        h = L.constrain(h, ("batch", "seq", "embed"))
+        if cache is not None:
+            if attention_mask is None or cache_index is None:
+                raise ValueError("decoding with a cache needs attention_mask over cache slots and cache_index")
+            cache_index = jnp.asarray(cache_index, jnp.int32)
+            mask = L.causal_mask(cache_index + jnp.arange(t), attention_mask)
+        else:
+            if attention_mask is None:
+                attention_mask = jnp.ones((b, t), jnp.int32)
+            mask = L.causal_mask(jnp.arange(t), attention_mask)
+        if positions is None:
+            if cache is not None:
+                raise ValueError("pass explicit positions when decoding with a cache")
+            positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, -1) - 1, 1)
+        cos, sin = self.rotary(positions)
+
+        carry: dict[str, Any] = {"h": h, "i": jnp.zeros((), jnp.int32)}
+        if cache is not None:
+            carry["k"], carry["v"] = cache
+        attn_layers = tuple(int(a) % cfg.num_layers for a in attn_layers)
+        if attn_layers:
+            s = mask.shape[-1]
+            carry["attn"] = jnp.zeros((len(attn_layers), b, cfg.num_heads, t, s), jnp.float32)
+
+        block = DecoderBlock
+        if REMAT_POLICIES[cfg.remat] is not None:
+            block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        scanned = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        carry, ys = scanned(cfg, attn_layers, output_hidden_states, name="layers")(
+            carry, cos, sin, mask, cache_index)
+        last = carry["h"]
+        final = self.norm(last)
+        if logits == "all":
+            out_logits = self.head(final)
+        elif logits == "last":
+            out_logits = self.head(final[:, -1:])
+        else:
+            out_logits = None
+        hidden = jnp.concatenate([h[None], ys], axis=0) if output_hidden_states else None
+        return LMOutput(
+            logits=out_logits, final_hidden=final, hidden_states=hidden,
+            attentions=carry.get("attn"),
+            cache=(carry["k"], carry["v"]) if cache is not None else None,
+        )
+
+
+def init_cache(cfg: LMConfig, batch: int, max_len: int, dtype=None) -> tuple[Array, Array]:
+    """Zeroed KV cache `(k, v)`, each `[L, B, max_len, K, Dh]`."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(dtype or cfg.dtype)
+    return jnp.zeros(shape, dt), jnp.zeros(shape, dt)

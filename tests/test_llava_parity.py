@@ -1,0 +1,109 @@
+"""fp32 parity of the LLaVA family and the Qwen2 LM against transformers' PyTorch classes.
+
+Prompts are >= 512 tokens (rotary bugs hide at short positions), the batch is padded, one sample
+carries two images, and every layer's state (LM and vision tower) is compared.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvlm.conversion.api import llava_from_torch, lm_from_torch
+from parity_utils import rel_err
+
+TOL = 1e-5
+IMG = 127
+
+
+@pytest.fixture(scope="module")
+def torch_mods():
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    return torch, transformers
+
+
+def tiny_llava_hf(transformers, style: str):
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if style == "llama3":
+        text.update(num_attention_heads=8, num_key_value_heads=2, rope_parameters=dict(
+            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=64))
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=transformers.LlamaConfig(**text),
+                                   image_token_index=IMG, image_seq_length=16, vision_feature_layer=-2,
+                                   vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return transformers.LlavaForConditionalGeneration(cfg).eval()
+
+
+def llava_batch(rng, lengths=(600, 530), images=(2, 1), pad_side="left"):
+    """Random ids with image-token runs of 16; padded to the longest sample."""
+    t = max(lengths)
+    ids = np.zeros((len(lengths), t), np.int64)
+    mask = np.zeros((len(lengths), t), np.int64)
+    for b, (n, k) in enumerate(zip(lengths, images)):
+        row = rng.integers(3, IMG, size=n)
+        row[0] = 1
+        for j in range(k):
+            start = 5 + j * 40
+            row[start:start + 16] = IMG
+        sl = slice(t - n, t) if pad_side == "left" else slice(0, n)
+        ids[b, sl], mask[b, sl] = row, 1
+    pos = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+    pix = rng.standard_normal((sum(images), 3, 32, 32)).astype(np.float32)
+    return ids, mask, pos, pix
+
+
+@pytest.mark.parametrize("style,pad_side", [("llama2", "left"), ("llama3", "right")])
+def test_llava_parity(torch_mods, style, pad_side):
+    torch, transformers = torch_mods
+    hf = tiny_llava_hf(transformers, style)
+    cfg, model, params = llava_from_torch(hf)
+    ids, mask, pos, pix = llava_batch(np.random.default_rng(0), pad_side=pad_side)
+
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(pos), output_hidden_states=True)
+        ref_vis = hf.model.vision_tower(torch.tensor(pix), output_hidden_states=True)
+
+    fwd = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, attention_mask=m, output_hidden_states=True,
+                                                 output_vision_hidden_states=True))
+    out = fwd(params, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask))
+    valid = mask.astype(bool)
+    n_layers = cfg.text.num_layers
+    assert out.hidden_states.shape == (n_layers + 1,) + ids.shape + (cfg.text.hidden_size,)
+    for i in range(n_layers):
+        assert rel_err(out.hidden_states[i], ref.hidden_states[i].numpy(), valid) < TOL, f"LM layer {i}"
+    assert rel_err(out.final_hidden, ref.hidden_states[n_layers].numpy(), valid) < TOL
+    assert rel_err(out.logits, ref.logits.numpy(), valid) < TOL
+    for i, h in enumerate(ref_vis.hidden_states):
+        assert rel_err(out.vision_hidden_states[i], h.numpy()) < TOL, f"vision layer {i}"
+    np.testing.assert_array_equal(np.asarray(out.image_token_mask), ids == IMG)
+
+
+def test_qwen2_lm_parity(torch_mods):
+    torch, transformers = torch_mods
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rope_parameters={"rope_type": "default",
+                                                                               "rope_theta": 1000000.0},
+        tie_word_embeddings=False)).eval()
+    cfg, model, params = lm_from_torch(hf)
+    assert cfg.qkv_bias and cfg.family == "qwen2"
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 160, size=(2, 520))
+    mask = np.ones_like(ids)
+    mask[1, :37] = 0
+    pos = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+                 output_hidden_states=True)
+    out = jax.jit(lambda p, i, m: model.apply({"params": p}, i, attention_mask=m, output_hidden_states=True))(
+        params, jnp.asarray(ids), jnp.asarray(mask))
+    valid = mask.astype(bool)
+    for i in range(cfg.num_layers):
+        assert rel_err(out.hidden_states[i], ref.hidden_states[i].numpy(), valid) < TOL, f"layer {i}"
+    assert rel_err(out.logits, ref.logits.numpy(), valid) < TOL
