@@ -107,3 +107,42 @@ def test_qwen2_lm_parity(torch_mods):
     for i in range(cfg.num_layers):
         assert rel_err(out.hidden_states[i], ref.hidden_states[i].numpy(), valid) < TOL, f"layer {i}"
     assert rel_err(out.logits, ref.logits.numpy(), valid) < TOL
+
+
+def test_attention_probs_and_logit_lens(torch_mods):
+    """Requested attention maps equal HF's eager attention; logit lens of the last layer with the
+    norm equals the logits, and without it differs (UE reads the un-normed version)."""
+    torch, transformers = torch_mods
+    hf = tiny_llava_hf(transformers, "llama3")
+    hf.set_attn_implementation("eager")
+    cfg, model, params = llava_from_torch(hf)
+    ids, mask, pos, pix = llava_batch(np.random.default_rng(3), lengths=(90, 70))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(pos), output_attentions=True)
+    out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pix), attention_mask=jnp.asarray(mask),
+                      attn_layers=(0, 2), output_hidden_states=True)
+    assert out.attentions.shape == (2, 2, cfg.text.num_heads, ids.shape[1], ids.shape[1])
+    q_valid = mask.astype(bool)[:, None, :, None]
+    for j, layer in enumerate((0, 2)):
+        ref_a = ref.attentions[layer].numpy()
+        m = np.broadcast_to(q_valid, ref_a.shape)
+        assert rel_err(out.attentions[j], ref_a, m) < TOL, f"attention layer {layer}"
+    # rows are distributions over the valid keys only
+    a = np.asarray(out.attentions[0])
+    np.testing.assert_allclose(a.sum(-1)[np.broadcast_to(mask.astype(bool)[:, None], a.shape[:3])], 1.0, atol=1e-5)
+    assert np.all(a[0][:, :, ~mask[0].astype(bool)] == 0)
+    lens = model.apply({"params": params}, out.hidden_states[-1], True, method="logit_lens")
+    np.testing.assert_allclose(np.asarray(lens), np.asarray(out.logits), rtol=1e-6, atol=1e-6)
+    raw = model.apply({"params": params}, out.hidden_states[1], False, method="logit_lens")
+    assert raw.shape == out.logits.shape and not np.allclose(np.asarray(raw), np.asarray(out.logits), atol=1e-3)
+
+
+def test_image_token_count_mismatch_is_a_clear_error(torch_mods):
+    _, transformers = torch_mods
+    cfg, model, params = llava_from_torch(tiny_llava_hf(transformers, "llama2"))
+    ids, mask, pos, pix = llava_batch(np.random.default_rng(0), lengths=(80, 70))
+    with pytest.raises(ValueError, match=r"48 image tokens .* 2 image\(s\) x 16"):
+        model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pix[:2]), attention_mask=jnp.asarray(mask))
+    with pytest.raises(ValueError, match="image_size=32"):
+        model.apply({"params": params}, jnp.asarray(ids), jnp.zeros((3, 3, 48, 48)), attention_mask=jnp.asarray(mask))
