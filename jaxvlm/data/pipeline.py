@@ -1,0 +1,243 @@
+"""Grain pipeline: LLaVA-format records -> fixed-shape numpy batches for training.
+
+Order of operations (all on a grain ``MapDataset``, so every element is addressed by index and the iterator state
+is one integer): records -> this host's shard -> per-epoch shuffle -> repeat -> build sample (load images, render
+chat template, tokenize, expand image tokens, truncate/pad) -> ``to_iter_dataset`` (threads prefetch) -> batch.
+
+Batch contract (``B = batch_size``, ``T = max_len``, ``S = images_per_sample``), all numpy:
+
+=================  ====================  ==========================================================================
+input_ids          ``[B, T]`` int32      padded with the tokenizer's pad id
+attention_mask     ``[B, T]`` int32      1 on real tokens
+labels             ``[B, T]`` int32      token id where supervised, ``-100`` elsewhere (not shifted)
+pixel_values       ``[B*S, 3, H, W]``    float32; LLaVA. Qwen: ``[B*S, max_patches, C*T*P*P]``. Absent if S == 0
+image_valid        ``[B*S]`` bool        slot ``b*S + j`` holds sample b's j-th image
+num_images         ``[B]`` int32         valid slots of each sample (they are its first slots)
+image_grid_thw     ``[B*S, 3]`` int32    Qwen processors only; ``[0, 0, 0]`` on empty slots
+mm_token_type_ids  ``[B, T]`` int32      chatml only; 1 on image tokens (transformers v5 M-RoPE needs it)
+=================  ====================  ==========================================================================
+
+Empty image slots (how the model side should treat them): a sample with ``k < S`` images has ``k`` image spans
+of image tokens in its ``input_ids`` and zero pixels in its slots ``k..S-1``; the image tokens in the batch
+therefore number ``sum(image_valid) * tokens_per_image``, not ``B*S*tokens_per_image``. Encode all ``B*S`` slots
+(static shape), then move the valid slots to the front in order before the row-major splice, e.g.
+``feats = feats[jnp.argsort(~image_valid, stable=True)]`` followed by ``llava.splice_image_features`` — its
+cumulative index then never reaches the padding slots. (``Llava.__call__``'s host-side ``check_image_tokens``
+compares against ``pixel_values.shape[0]``, so pass only the valid slots when calling it eagerly.)
+
+Bad records (``on_bad_record``): a missing or undecodable image, more images than slots, a mismatch between
+``<image>`` placeholders and images, malformed turns, or a sample whose truncation to ``max_len`` would cut
+through image tokens raise `BadRecordError` naming the record id (and path) with ``"error"``; with ``"skip"``
+the record is dropped, logged and counted in ``Pipeline.skipped`` (counts are per process and restart from zero
+after a resume). Text-only truncation is silent: tokens after ``max_len`` are dropped (labels too).
+
+Sharding: host ``shard_index`` of ``shard_count`` reads records ``shard_index::shard_count`` (after dropping the
+``len % shard_count`` tail with ``even_shards``, so every host has the same number of steps per epoch);
+``batch_size`` is per host. Shuffling is a permutation per epoch seeded by ``seed + epoch`` (grain).
+
+Example:
+    >>> pipe = make_dataset("llava_665k.json", "/data/images", tokenizer, "vicuna_v1",
+    ...                     LlavaImageProcessor.for_llava(cfg), max_len=2048, images_per_sample=1,
+    ...                     batch_size=16, seed=0, image_token_id=cfg.image_token_id)
+    >>> it = iter(pipe)
+    >>> batch = next(it)
+    >>> state = it.get_state()        # save with the checkpoint
+    >>> it = iter(pipe); it.set_state(state)    # resumes at exactly the next batch
+
+The state is a small dict (``{"next_index": n}``); save it beside the model (JSON, or orbax with
+``grain.checkpoint.CheckpointSave``). Labels are not shifted: the loss compares ``logits[:, :-1]`` with
+``labels[:, 1:]``.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import os
+import threading
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from jaxvlm.data import chat_templates as ct
+from jaxvlm.data.conversation import BadRecordError, Record, load_records
+from jaxvlm.data.image_processing import ImageProcessor, load_image
+
+log = logging.getLogger(__name__)
+
+_SLOT_KEYS = ("pixel_values", "image_valid")
+
+
+class SkipLog:
+    """Thread-safe counts of skipped records by reason (``missing_image``, ``bad_image``, ``too_long`` ...)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.examples: list[str] = []        # first messages, for a report
+
+    def add(self, err: BadRecordError) -> None:
+        with self._lock:
+            self.counts[err.reason] += 1
+            if len(self.examples) < 20:
+                self.examples.append(str(err))
+        log.warning("skipping record: %s", err)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+class SampleBuilder:
+    """Record -> one fixed-shape sample dict (per-sample arrays; `make_dataset` batches and flattens slots)."""
+
+    def __init__(self, tokenizer: Any, template: str | ct.ChatTemplate, image_processor: ImageProcessor | None,
+                 max_len: int, images_per_sample: int, *, image_root: str | os.PathLike | None = None,
+                 image_token_id: int | None = None, pad_token_id: int | None = None,
+                 on_bad_record: str = "error", skipped: SkipLog | None = None):
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        if max_len <= 0 or images_per_sample < 0:
+            raise ValueError(f"need max_len > 0 and images_per_sample >= 0, got {max_len}, {images_per_sample}")
+        self.template = ct.get_template(template)
+        ct.check_tokenizer(self.template, tokenizer)
+        self.tokenizer, self.processor = tokenizer, image_processor
+        self.max_len, self.slots = int(max_len), int(images_per_sample)
+        self.image_root = os.fspath(image_root) if image_root is not None else ""
+        if image_token_id is None:
+            image_token_id = tokenizer.convert_tokens_to_ids(self.template.image_placeholder)
+            if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+                raise ValueError(f"pass image_token_id (the model config's): the tokenizer has no "
+                                 f"{self.template.image_placeholder!r} token")
+        self.image_token_id = int(image_token_id)
+        pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has no pad token; pass pad_token_id")
+        self.pad_token_id = int(pad)
+        if self.slots and image_processor is None:
+            raise ValueError("images_per_sample > 0 needs an image_processor")
+        self.on_bad_record = on_bad_record
+        self.skipped = skipped if skipped is not None else SkipLog()
+
+    def __call__(self, record: Record) -> dict[str, np.ndarray] | None:
+        try:
+            return self.build(record)
+        except BadRecordError as e:
+            if self.on_bad_record == "error":
+                raise
+            self.skipped.add(e)
+            return None
+
+    def build(self, record: Record) -> dict[str, np.ndarray]:
+        rid = record.id
+        n = len(record.images)
+        if n > self.slots:
+            raise BadRecordError(rid, "too_many_images",
+                                 f"record {rid!r} has {n} images but images_per_sample={self.slots}")
+        if record.num_image_placeholders != n:
+            raise BadRecordError(rid, "image_count_mismatch", f"record {rid!r} has {n} image(s) but "
+                                 f"{record.num_image_placeholders} {ct.IMAGE!r} placeholder(s) in its conversation")
+        images = [self.processor(load_image(os.path.join(self.image_root, p), rid)) for p in record.images]
+        try:
+            enc = ct.encode(self.template, record.messages, self.tokenizer, image_token_id=self.image_token_id,
+                            image_token_counts=[im.num_tokens for im in images])
+        except ValueError as e:
+            raise BadRecordError(rid, "malformed", f"record {rid!r}: {e}") from e
+        ids, labels, T = enc.input_ids, enc.labels, self.max_len
+        if len(ids) > T:
+            cut = [(k, a, b) for k, (a, b) in enumerate(enc.image_spans) if b > T]
+            if cut:
+                k, a, b = cut[0]
+                raise BadRecordError(rid, "too_long", f"record {rid!r}: {len(ids)} tokens; truncating to "
+                                     f"max_len={T} would cut image {k} (image tokens at {a}..{b - 1})")
+            ids, labels = ids[:T], labels[:T]
+        L = len(ids)
+        out = {
+            "input_ids": np.full(T, self.pad_token_id, np.int32),
+            "attention_mask": np.zeros(T, np.int32),
+            "labels": np.full(T, ct.IGNORE_INDEX, np.int32),
+        }
+        out["input_ids"][:L], out["attention_mask"][:L], out["labels"][:L] = ids, 1, labels
+        if self.template.name == "chatml":
+            out["mm_token_type_ids"] = (out["input_ids"] == self.image_token_id).astype(np.int32)
+        if self.slots:
+            empty = self.processor.empty()
+            slots = images + [empty] * (self.slots - n)
+            out["pixel_values"] = np.stack([s.pixel_values for s in slots])
+            for key in empty.fields:
+                out[key] = np.stack([s.fields[key] for s in slots])
+            out["image_valid"] = np.arange(self.slots) < n
+        out["num_images"] = np.int32(n)
+        return out
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """``iter(pipeline)`` -> grain ``DatasetIterator`` of batches with ``get_state()`` / ``set_state()``."""
+
+    dataset: grain.IterDataset
+    skipped: SkipLog
+    num_records: int          # records in this host's shard (per epoch)
+    steps_per_epoch: int      # batches per epoch on this host when nothing is skipped
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+
+def _flatten_slots(batch: dict[str, np.ndarray], slot_keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    # [B, S, ...] -> [B*S, ...]: the model sees one flat list of images, sample-major.
+    return {k: (v.reshape(-1, *v.shape[2:]) if k in slot_keys else v) for k, v in batch.items()}
+
+
+def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root: str | os.PathLike | None,
+                 tokenizer: Any, template: str | ct.ChatTemplate, image_processor: ImageProcessor | None,
+                 max_len: int, images_per_sample: int, batch_size: int, seed: int = 0,
+                 shard_index: int | None = None, shard_count: int | None = None, *,
+                 image_token_id: int | None = None, pad_token_id: int | None = None, num_epochs: int | None = None,
+                 shuffle: bool = True, on_bad_record: str = "error", even_shards: bool = True,
+                 drop_remainder: bool = True, num_threads: int = 8, prefetch: int = 64) -> Pipeline:
+    """Build the training data pipeline (see the module docstring for the batch contract).
+
+    records_path: LLaVA-format JSON/JSONL file, or already-loaded `Record`s. image_root: prefix for image paths.
+    image_token_id: the model config's image token id (LLaVA ``image_token_index``); default: the tokenizer's id
+    of the template's placeholder. num_epochs: None repeats forever. shard_index/shard_count default to
+    ``jax.process_index()`` / ``jax.process_count()``. num_threads/prefetch: grain read threads and buffer.
+    """
+    if shard_index is None or shard_count is None:
+        import jax
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if isinstance(records_path, (str, os.PathLike)):
+        records = load_records(records_path)
+    else:
+        records = list(records_path)
+    skipped = SkipLog()
+    builder = SampleBuilder(tokenizer, template, image_processor, max_len, images_per_sample,
+                            image_root=image_root, image_token_id=image_token_id, pad_token_id=pad_token_id,
+                            on_bad_record=on_bad_record, skipped=skipped)
+
+    ds = grain.MapDataset.source(records)
+    if even_shards:
+        ds = ds[: len(records) - len(records) % shard_count]
+    ds = ds[shard_index::shard_count]
+    num_records = len(ds)
+    if num_records == 0:
+        raise ValueError(f"shard {shard_index}/{shard_count} of {len(records)} records is empty")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)     # grain: permutation seeded by seed + epoch when repeated
+    ds = ds.repeat(num_epochs)
+    ds = ds.map(builder)               # None (a skipped record) is dropped by the iterator
+    slot_keys = _SLOT_KEYS + (("image_grid_thw",) if images_per_sample and
+                              "image_grid_thw" in image_processor.empty().fields else ())
+    it_ds = (ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+             .batch(batch_size, drop_remainder=drop_remainder)
+             .map(functools.partial(_flatten_slots, slot_keys=slot_keys)))
+    return Pipeline(it_ds, skipped, num_records, num_records // batch_size)

@@ -1,0 +1,61 @@
+"""Shared helpers for tests/test_data_*.py: a tiny offline byte-level BPE tokenizer with every template's
+special tokens, tiny images and LLaVA-format records on disk."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>",
+            "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+            "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+            "<|endoftext|>", "<img>", "</img>", "<imgpad>", "<ref>", "</ref>", "<box>", "</box>"]
+
+CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions. USER: What colour is the square? ASSISTANT: The "
+    "square is red. What shape is left of the circle? It is a triangle. You are a helpful language and vision "
+    "assistant. answer record number system user",
+] * 4
+
+
+def build_tokenizer():
+    """Byte-level BPE (~400 tokens) wrapped as a transformers fast tokenizer; nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def write_image(path: pathlib.Path, w: int, h: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def write_records(path: pathlib.Path, records: list[dict], jsonl: bool = True) -> pathlib.Path:
+    if jsonl:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+def llava_record(i: int, images: list[str]) -> dict:
+    """Record i: `len(images)` images; its answers carry the number i so a test can tell records apart."""
+    tags = "".join("<image>" for _ in images)
+    rec = {"id": f"r{i}", "conversations": [
+        {"from": "human", "value": (tags + "\n" if tags else "") + "What colour is the square?"},
+        {"from": "gpt", "value": f"answer {i}"},
+        {"from": "human", "value": "What shape is left of the circle?"},
+        {"from": "gpt", "value": f"It is a triangle {i}."}]}
+    if images:
+        rec["image"] = images[0] if len(images) == 1 else images
+    return rec
