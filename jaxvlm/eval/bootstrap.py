@@ -41,7 +41,8 @@ def bootstrap(
         # Same draw as REVERSE: rng.choice over all indices, size n, with replacement.
         idx = rng.choice(n, size=n, replace=True)
         values.append(stat([samples[i] for i in idx]))
-    lo_q, hi_q = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
+    # (100 - 95) / 2, not 100 * (1 - 0.95) / 2 = 2.5000000000000022: REVERSE asks for exactly 2.5 / 97.5.
+    lo_q, hi_q = (100 - 100 * ci) / 2, (100 + 100 * ci) / 2
     key = f"ci{round(ci * 100)}"
 
     def summarise(v: np.ndarray) -> dict:

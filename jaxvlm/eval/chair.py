@@ -16,12 +16,12 @@ Metrics (micro-averaged over captions, as the scripts do):
   Len    = 0.01 * mean number of tokens after double-word merging (printed x100 by the scripts)
 
 Faithfully kept quirks of the original (with nltk's WordNet 3.0 data): "men" stays "men" (WordNet
-lists it as a lemma) so it is never a person; "dining" lemmatises to "din"; "motor bike" and
-"cheesecake" never match (their table entries carry a leading space); "skiing" -> "ski" -> skis.
+lists it as a lemma) so it is never a person; "dining" tagged as a verb lemmatises to "din";
+"motor bike" and "cheesecake" never match (their table entries carry a leading space); "skiing"
+-> "ski" -> skis; "sports ball" never merges ("sports" -> "sport"), "ball" alone maps to it.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -365,9 +365,13 @@ def score(
 ) -> dict:
     """CHAIR over predictions (one caption each; an image may appear more than once).
 
+    A prediction's image is its ``image_id`` field (COCO file names such as
+    ``COCO_val2014_000000391895.jpg`` are accepted in coco mode), else its id. ``annotations``:
+    see ``coco_gt_objects`` (mode="coco") or ``refexp_gt_objects`` (mode="refexp").
+
     Example:
         >>> from jaxvlm.eval.io import load_predictions
-        >>> preds = load_predictions([{"image_id": 1, "text": "A dog and a cat."}])
+        >>> preds = load_predictions([{"image_id": 1, "text": "A dog and a cat."}], id_key="image_id")
         >>> score(preds, [{"image_id": 1, "caption": "a puppy on a couch"}], mode="refexp")["scores"]["CHAIRi"]
         0.5
     """

@@ -84,8 +84,14 @@ def read_jsonl(path: str | os.PathLike, what: str = "predictions") -> list[tuple
 
 
 def read_json_or_jsonl(path: str | os.PathLike, what: str = "annotations") -> Any:
-    """A .json file's value, or the list of objects of a .jsonl file (chosen by content, not suffix)."""
+    """A .json file's value, or the list of objects of a JSON Lines file.
+
+    ``*.jsonl`` is always read as lines; otherwise the content decides, since LLaVA's POPE label
+    files are JSON Lines named ``*.json``.
+    """
     path = _check_file(path, what)
+    if path.endswith(".jsonl"):
+        return [obj for _, obj in read_jsonl(path, what)]
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
@@ -232,6 +238,8 @@ def as_records(annotations: Any, what: str = "annotations", list_key: str | None
         for k in ((list_key,) if list_key else ()) + ("annotations", "questions", "data"):
             if k in annotations and isinstance(annotations[k], list):
                 return annotations[k]
+        if any(k in annotations for k in ID_KEYS):  # a one-line JSON Lines file named *.json
+            return [annotations]
         raise EvalInputError(f"{what}: expected a list of records (or a dict with an 'annotations' list)")
     if annotations is None:
         raise EvalInputError(f"this metric needs {what}")
