@@ -212,6 +212,29 @@ def dynamic_ntk_inv_freq(head_dim: int, theta: float, seq_len: Array, max_pos: i
     return 1.0 / (base ** exponent)
 
 
+def qwen_ntk_inv_freq(rotary_dim: int, theta: float, seq_len: Array | int, ntk_len: int) -> Array:
+    """QWen (Qwen-VL v1) dynamic NTK, jittable: the base grows by `alpha ** (d / (d - 2))` with
+    `alpha = max(2 ** ceil(log2(seq_len / ntk_len) + 1) - 1, 1)` (1, 3, 7, 15, ... per doubling).
+
+    The original fixes alpha from the length of the call without a past (the prefill) and keeps it
+    while decoding, so pass the prefill length here, not the growing one. `ceil(log2(.))` is done
+    by counting doublings so that exact powers of two never land in the wrong bucket.
+    """
+    t = jnp.asarray(seq_len, jnp.float32)
+    doublings = jnp.sum(float(ntk_len) * 2.0 ** jnp.arange(40, dtype=jnp.float32) < t)
+    alpha = jnp.maximum(2.0 ** (doublings + 1.0) - 1.0, 1.0)
+    base = theta * alpha ** (rotary_dim / (rotary_dim - 2))
+    exponent = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
+    return 1.0 / (base ** exponent)
+
+
+def logn_scale(positions: Array, logn_len: int) -> Array:
+    """QWen logn attention: the query at absolute position p is scaled by `log(p+1) / log(logn_len)`
+    once `p + 1 > logn_len` (1 before). positions `[B, T]` -> `[B, T]` fp32."""
+    p1 = positions.astype(jnp.float32) + 1.0
+    return jnp.where(p1 > logn_len, jnp.log(p1) / math.log(logn_len), 1.0)
+
+
 def rope_cos_sin(positions: Array, inv_freq: Array, scaling: float = 1.0,
                  mrope_section: Sequence[int] | None = None) -> tuple[Array, Array]:
     """cos/sin tables `[B, T, rotary_dim]` in fp32.
@@ -300,7 +323,8 @@ class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with optional rotary and KV cache.
 
     `__call__(x [B,T,E], cos/sin [B,T,R] | None, mask [B,1,T,S], cache=(k, v) [B,S,K,D] | None,
-    cache_index: scalar slot where x's first token goes)` -> `(out [B,T,E], probs | None, new_cache)`.
+    cache_index: scalar slot where x's first token goes, q_scale [B,T] | None: factor on the rotated
+    queries)` -> `(out [B,T,E], probs | None, new_cache)`.
     """
 
     num_heads: int
@@ -320,7 +344,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, cos: Array | None, sin: Array | None, mask: Array | None,
                  cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
-                 return_probs: bool = False):
+                 return_probs: bool = False, q_scale: Array | None = None):
         b, t, _ = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         hd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -332,6 +356,8 @@ class Attention(nn.Module):
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if q_scale is not None:  # per-query factor after rotary, keys untouched (QWen logn)
+            q = q * q_scale[:, :, None, None].astype(q.dtype)
         new_cache = None
         if cache is not None:
             ck, cv = cache

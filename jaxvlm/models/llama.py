@@ -64,6 +64,9 @@ class LMConfig:
     remat: str = "none"                        # key of REMAT_POLICIES
     attn_impl: str = "xla"                     # "xla" | "auto" | "cudnn" (see layers.dot_attention)
     family: str = "llama"                      # "llama" | "qwen2"
+    # QWen (Qwen-VL v1) inference-only extras, off by default; both use the original's seq_length.
+    logn_attn_len: int | None = None           # queries at absolute position p >= this scaled by log_len(p+1)
+    rope_ntk_len: int | None = None            # dynamic NTK: alpha from the prefill length (layers.qwen_ntk_inv_freq)
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -151,7 +154,7 @@ class DecoderBlock(nn.Module):
     output_hidden_states: bool = False
 
     @nn.compact
-    def __call__(self, carry: dict, cos, sin, mask, cache_index):
+    def __call__(self, carry: dict, cos, sin, mask, cache_index, q_scale=None):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         h, i = carry["h"], carry["i"]
@@ -162,7 +165,7 @@ class DecoderBlock(nn.Module):
         attn_out, probs, new_cache = L.Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias,
             impl=cfg.attn_impl, dtype=dt, param_dtype=pdt, name="self_attn",
-        )(x, cos, sin, mask, layer_cache, cache_index, return_probs=bool(self.attn_layers))
+        )(x, cos, sin, mask, layer_cache, cache_index, return_probs=bool(self.attn_layers), q_scale=q_scale)
         h = h + attn_out
         x = L.RMSNorm(cfg.rms_norm_eps, dtype=dt, param_dtype=pdt, name="post_attention_layernorm")(h)
         h = h + L.GatedMLP(cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, dtype=dt, param_dtype=pdt,
@@ -209,9 +212,12 @@ class DecoderLM(nn.Module):
         """Vocabulary logits of any layer's state `[..., D]` (UE reads them *without* the norm)."""
         return self.head(self.norm(hidden) if apply_norm else hidden)
 
-    def rotary(self, positions: Array) -> tuple[Array, Array]:
+    def rotary(self, positions: Array, ntk_seq_len: Array | int | None = None) -> tuple[Array, Array]:
+        """cos/sin for `positions`; with `cfg.rope_ntk_len` and an `ntk_seq_len`, QWen dynamic NTK."""
         cfg = self.cfg
         inv_freq, scale = L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+        if cfg.rope_ntk_len is not None and ntk_seq_len is not None:
+            inv_freq = L.qwen_ntk_inv_freq(cfg.head_dim, cfg.rope_theta, ntk_seq_len, cfg.rope_ntk_len)
         return L.rope_cos_sin(positions, inv_freq, scale, cfg.mrope_section)
 
     @nn.compact  # the scanned blocks are built here: their flags depend on what the call asks for
@@ -219,7 +225,7 @@ class DecoderLM(nn.Module):
                  positions: Array | None = None, attention_mask: Array | None = None,
                  cache: tuple[Array, Array] | None = None, cache_index: Array | int | None = None,
                  output_hidden_states: bool = False, attn_layers: Sequence[int] = (),
-                 logits: str = "all") -> LMOutput:
+                 logits: str = "all", ntk_seq_len: Array | int | None = None, train: bool = False) -> LMOutput:
         """Run the LM.
 
         input_ids `[B, T]` or inputs_embeds `[B, T, D]`.
@@ -229,6 +235,10 @@ class DecoderLM(nn.Module):
             `cache_index .. cache_index + T - 1` and attend to every valid earlier slot.
         attn_layers: layers whose attention probabilities are returned (`[n, B, H, T, S]`).
         logits: "all" | "last" (only the final position) | "none".
+        ntk_seq_len: with `cfg.rope_ntk_len`, the length that fixes the NTK alpha: pass the prefill
+            length on every decoding step (as the original caches it); default: the slots seen so
+            far (`cache_index + T`, i.e. T without a cache).
+        train: training mode, which (as QWen's `self.training`) turns off logn scaling and NTK.
         """
         cfg = self.cfg
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(cfg.dtype))
@@ -247,7 +257,12 @@ class DecoderLM(nn.Module):
             if cache is not None:
                 raise ValueError("pass explicit positions when decoding with a cache")
             positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, -1) - 1, 1)
-        cos, sin = self.rotary(positions)
+        q_scale = None
+        if not train and cfg.rope_ntk_len is not None and ntk_seq_len is None:
+            ntk_seq_len = t if cache is None else cache_index + t
+        cos, sin = self.rotary(positions, None if train else ntk_seq_len)
+        if not train and cfg.logn_attn_len is not None:
+            q_scale = L.logn_scale(positions, cfg.logn_attn_len)
 
         carry: dict[str, Any] = {"h": h, "i": jnp.zeros((), jnp.int32)}
         if cache is not None:
@@ -262,11 +277,11 @@ class DecoderLM(nn.Module):
             block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         scanned = nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+            in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         carry, ys = scanned(cfg, attn_layers, output_hidden_states, name="layers")(
-            carry, cos, sin, mask, cache_index)
+            carry, cos, sin, mask, cache_index, q_scale)
         last = carry["h"]
         final = self.norm(last)
         if logits == "all":

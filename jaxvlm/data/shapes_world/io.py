@@ -44,7 +44,8 @@ def pickle_bytes(obj: Any) -> bytes:
 
 def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG", compress_level=6)
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    pil.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
 
 

@@ -16,6 +16,7 @@ from .shapes import shape_mask
 
 MAX_PLACEMENT_TRIES = 30
 MIN_VISIBLE_PIXELS = 12
+SAME_COLOUR_GAP = 2  # pixels kept between shapes of one colour
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,17 @@ def tight_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
     return (x0, y0, x1 - x0 + 1, y1 - y0 + 1)
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Square-element binary dilation by ``r`` pixels (numpy only)."""
+    padded = np.pad(mask, r)
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            out |= padded[dy:dy + h, dx:dx + w]
+    return out
 
 
 def _muted(rng: np.random.Generator) -> np.ndarray:
@@ -137,9 +149,11 @@ def sample_scene(rng: np.random.Generator, image_size: int = 112, max_objects: i
             full = shape_mask(category, cx, cy, radius, rotation, image_size)
             if full.sum() < MIN_VISIBLE_PIXELS:
                 continue
-            # Same-coloured overlaps would merge into one blob, so the count would be unseeable.
-            if any(s.colour == colour and (s.full & full).any() for s in shapes):
-                continue
+            # Same-coloured shapes that touch merge into one blob, making counts unseeable.
+            if any(s.colour == colour for s in shapes):
+                halo = _dilate(full, SAME_COLOUR_GAP)
+                if any(s.colour == colour and (s.full & halo).any() for s in shapes):
+                    continue
             # Would this placement hide too much of anything already drawn?
             if all(((s.visible & ~full).sum() >= max(min_visible * s.full.sum(),
                                                      MIN_VISIBLE_PIXELS)) for s in shapes):

@@ -1,4 +1,4 @@
-"""``generate_world``: render a shapes world to disk in COCO / RefCOCOg / LLaVA / POPE / PhD formats.
+"""``generate_world``: write a shapes world as COCO / RefCOCOg / LLaVA / POPE / PhD files.
 
 Layout under ``out_dir`` (image paths in each format are relative as noted)::
 
@@ -9,7 +9,7 @@ Layout under ``out_dir`` (image paths in each format are relative as noted)::
     refcocog/refs.json, refcocog/refs(umd).p, refcocog/instances.json
                                             RefCOCOg (file_name relative to images/)
     llava/<split>.json                      LLaVA conversations (image relative to images/)
-    pope/<split>_<setting>.jsonl            POPE, eval splits only (image relative to images/<split>)
+    pope/<split>_<setting>.jsonl            POPE, eval splits only (image: images/<split>/...)
     phd/<split>.jsonl                       PhD-style probes, eval splits only (likewise)
 
 Every random draw comes from ``numpy.random.default_rng([seed, split, index, stream])``, so an
@@ -212,8 +212,9 @@ def _write_eval_files(w: _Writer, paths: WorldPaths, split: str, records: list[I
                                       "image": rec.file_name, "text": pope_question(category),
                                       "label": label})
         for item in phd_items(rec, stats, _rng(seed, split, i, "phd")):
+            # "answer" duplicates "label": jaxvlm.eval.phd reads the UE-style field name.
             phd.append({"question_id": len(phd) + 1, "image_id": rec.image_id,
-                        "image": rec.file_name, **item})
+                        "image": rec.file_name, **item, "answer": item["label"]})
     for setting in POPE_SETTINGS:
         w.write(paths.pope[split][setting], jsonl_bytes(pope[setting]))
     w.write(paths.phd[split], jsonl_bytes(phd))
@@ -249,6 +250,8 @@ def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_va
 
     paths.root.mkdir(parents=True, exist_ok=True)
     paths.manifest.unlink(missing_ok=True)  # from here on the directory is "incomplete"
+    for stale in paths.root.rglob(".*.tmp-*"):  # leftovers of a killed run's atomic writes
+        stale.unlink(missing_ok=True)
     w = _Writer(paths.root)
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     total = sum(sizes.values())

@@ -1,0 +1,90 @@
+"""Forward speed, jaxvlm vs transformers, on a ~100M-parameter Qwen2.5-VL-shaped model (fp32):
+one 448x448 image (32x32 patches -> 256 merged tokens) + 512 text tokens. Same weights in both
+(converted from the torch model); prints the steady-state times and the torch/jax ratio.
+
+    python bench/bench_qwen2_vl.py [--repeats 5] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMG, VID, VS, VE = 32000, 32001, 32002, 32003
+
+
+def hf_model(transformers, torch):
+    torch.manual_seed(0)
+    text = dict(vocab_size=32064, hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
+                num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
+    vision = dict(depth=12, hidden_size=384, intermediate_size=1024, num_heads=6, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112, out_hidden_size=512, fullatt_block_indexes=[2, 5, 8, 11])
+    cfg = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMG,
+                                        video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
+    return transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def timed(fn, repeats):
+    fn()                                   # warm-up (compile for jax)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args()
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import torch
+    import transformers
+    from jaxvlm.conversion.qwen2_vl import qwen2_vl_from_torch
+    from jaxvlm.models.params import count_params
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf = hf_model(transformers, torch)
+    cfg, model, params = qwen2_vl_from_torch(hf)
+    rng = np.random.default_rng(0)
+    grid = np.array([[1, 32, 32]])                                   # 448 x 448 px
+    pix = rng.standard_normal((1024, 1176)).astype(np.float32)
+    text = rng.integers(3, 30000, size=512)
+    ids = np.concatenate([[1, VS], np.full(256, IMG), [VE], text])[None]
+    mm = (ids == IMG).astype(np.int64)
+    print(f"params: {count_params(params) / 1e6:.1f}M, tokens: {ids.shape[1]} (256 image + 512 text + 3), "
+          f"devices: {jax.devices()[0].platform}, torch threads: {torch.get_num_threads()}")
+
+    fwd = jax.jit(lambda p, i, x, g: model.apply({"params": p}, i, x, g).logits)
+    jargs = (params, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(grid))
+    t0 = time.perf_counter()
+    fwd.lower(*jargs).compile()
+    compile_s = time.perf_counter() - t0
+    t_jax = timed(lambda: fwd(*jargs).block_until_ready(), args.repeats)
+
+    targs = dict(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix), image_grid_thw=torch.tensor(grid),
+                 mm_token_type_ids=torch.tensor(mm))
+
+    def run_torch():
+        hf.model.rope_deltas = None
+        with torch.no_grad():
+            return hf(**targs).logits
+
+    t_torch = timed(run_torch, args.repeats)
+    ref, ours = run_torch().numpy(), np.asarray(fwd(*jargs))
+    err = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    print(f"jax compile: {compile_s:.2f}s")
+    print(f"forward (median of {args.repeats}): jaxvlm {t_jax * 1e3:.0f} ms, transformers {t_torch * 1e3:.0f} ms, "
+          f"speed-up {t_torch / t_jax:.2f}x  (logits rel err {err:.1e})")
+
+
+if __name__ == "__main__":
+    main()
