@@ -1,0 +1,221 @@
+"""`jaxvlm generate`: answers for (image, prompt) pairs with a converted checkpoint.
+
+A checkpoint directory is what `jaxvlm convert` writes (`jaxvlm.conversion.converted`): the config,
+the params, and `hf_files/` with the tokenizer (and image-processor) files.
+
+    jaxvlm generate --checkpoint ckpt/llava-1.5-7b --image cat.jpg --prompt "What is this?"
+    jaxvlm generate --checkpoint ckpt/llava-1.5-7b --questions q.jsonl --image-folder imgs/ \
+        --output answers.jsonl --batch-size 8
+
+Batch mode reads JSONL records `{"question_id" | "id", "image", "text" | "prompt", ...}` and writes
+`{"question_id" | "id", "prompt", "answer", "model_id", ...}` per record (the eval harness reads it);
+other fields of the input record are carried over.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from typing import Any, Iterable
+
+import numpy as np
+
+DEFAULT_TEMPLATES = {"llava": "vicuna_v1", "llava_llama3": "llama3"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="converted jaxvlm checkpoint directory")
+    p.add_argument("--image", help="image path (single prompt mode)")
+    p.add_argument("--prompt", help="question text (single prompt mode)")
+    p.add_argument("--questions", help="JSONL of {question_id|id, image, text|prompt} (batch mode)")
+    p.add_argument("--image-folder", default="", help="base folder for relative image paths in --questions")
+    p.add_argument("--output", help="answers JSONL (batch mode; default: stdout)")
+    p.add_argument("--template", help="chat template (default per family: vicuna_v1 for LLaVA-1.5, "
+                                      "llama3 for LLaVA-MORE, chatml for Qwen2/2.5-VL)")
+    p.add_argument("--system", help="override the template's system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV-cache slots (default: longest prompt + max-new-tokens, rounded up to 128)")
+    p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
+    p.add_argument("--model-id", default=None, help="model_id written in the answers (default: checkpoint name)")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(ckpt: str, dtype: str | None = None):
+    """(cfg, model, params, tokenizer, image_processor, family) of a converted checkpoint."""
+    from transformers import AutoTokenizer
+
+    from jaxvlm.conversion.converted import load_converted
+    from jaxvlm.models.llava import Llava, LlavaConfig
+
+    cfg, params = load_converted(ckpt)
+    if dtype:
+        cfg = cfg.with_dtype(dtype, cfg.text.param_dtype)
+    hf_dir = pathlib.Path(ckpt) / "hf_files"
+    if not (hf_dir / "tokenizer.json").is_file() and not (hf_dir / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{ckpt}: no tokenizer in {hf_dir}; convert with the tokenizer files kept "
+                                f"(save_converted(..., hf_files=[...]))")
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    if isinstance(cfg, LlavaConfig):
+        from jaxvlm.data.image_processing import LlavaImageProcessor
+        hf_proc = None
+        if (hf_dir / "preprocessor_config.json").is_file():
+            from transformers import AutoImageProcessor
+            hf_proc = AutoImageProcessor.from_pretrained(str(hf_dir))
+        family = "llava_llama3" if cfg.text.vocab_size >= 128000 else "llava"
+        return cfg, Llava(cfg), params, tok, LlavaImageProcessor.for_llava(cfg, hf_proc), family
+    raise NotImplementedError(f"`jaxvlm generate` serves LLaVA checkpoints so far; got a {type(cfg).__name__} "
+                              f"(decode Qwen2-VL with jaxvlm.generate.Engine and rope_index positions)")
+
+
+def read_questions(path: str) -> list[dict]:
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            if "text" not in rec and "prompt" not in rec:
+                raise ValueError(f"{path}:{n}: record has neither 'text' nor 'prompt'")
+            out.append(rec)
+    return out
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+class Answerer:
+    """Encodes (image, prompt) pairs with a chat template and decodes them in fixed-size batches."""
+
+    def __init__(self, ckpt: str, args: argparse.Namespace):
+        from jaxvlm.data.chat_templates import get_template
+        from jaxvlm.generate import SamplerConfig
+
+        self.cfg, self.model, self.params, self.tok, self.proc, family = load_model(ckpt, args.dtype)
+        self.template = get_template(args.template or DEFAULT_TEMPLATES[family])
+        self.system = args.system
+        eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
+        stops = []
+        for s in self.template.stop_strings:   # one-token end-of-turn strings stop in the compiled loop
+            ids = self.tok(s, add_special_tokens=False)["input_ids"]
+            eos.add(ids[0]) if len(ids) == 1 else stops.append(s)
+        self.stop_strings = tuple(stops)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.sampler = SamplerConfig(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                     repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
+                                     eos_token_ids=tuple(sorted(eos)), pad_token_id=pad)
+        self.args = args
+        self.engine = None
+
+    def build_engine(self, longest_prompt: int) -> None:
+        """One engine (one compile) for all batches: the cache fits the longest prompt + answer."""
+        from jaxvlm.generate import Engine
+        a = self.args
+        max_len = a.max_len or -(-(longest_prompt + a.max_new_tokens) // 128) * 128
+        self.engine = Engine(self.model, batch_size=a.batch_size, max_len=max_len, sampler=self.sampler)
+
+    def encode(self, prompt: str, image_path: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+        from jaxvlm.data.chat_templates import encode_prompt
+        from jaxvlm.data.image_processing import load_image
+        msgs = []
+        if self.system is not None:
+            msgs.append({"role": "system", "content": self.system})
+        content = prompt if image_path is None else "<image>\n" + prompt.replace("<image>", "").strip()
+        msgs.append({"role": "user", "content": content})
+        pix, counts = None, ()
+        if image_path is not None:
+            img = self.proc(load_image(image_path))
+            pix, counts = img.pixel_values, (img.num_tokens,)
+        ids = encode_prompt(self.template, msgs, self.tok, image_token_id=self.cfg.image_token_id,
+                            image_token_counts=counts)
+        return ids, pix
+
+    def answer(self, items: list[tuple[np.ndarray, np.ndarray | None]], seed: int) -> list[str]:
+        """items: (ids [T], pixel_values [3, H, W] | None) -> decoded answers."""
+        t = max(len(i) for i, _ in items)
+        ids = np.stack([np.pad(i, (t - len(i), 0), constant_values=self.sampler.pad_token_id) for i, _ in items])
+        mask = np.stack([np.pad(np.ones(len(i), np.int32), (t - len(i), 0)) for i, _ in items])
+        pix = [p for _, p in items if p is not None]
+        batch = dict(input_ids=ids, attention_mask=mask)
+        if pix:
+            batch["pixel_values"] = np.stack(pix)
+        out = self.engine.generate(self.params, batch, max_new_tokens=self.args.max_new_tokens,
+                                   temperature=self.args.temperature, rng=seed, stop_strings=self.stop_strings,
+                                   tokenizer=self.tok)
+        return [self._clean(s) for s in out.texts]
+
+    def _clean(self, text: str) -> str:
+        for s in self.stop_strings:
+            text = text.split(s)[0]
+        return text.strip()
+
+
+def _batches(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    single = args.prompt is not None
+    if single == (args.questions is not None):
+        raise SystemExit("jaxvlm generate: give either --prompt (with --image) or --questions JSONL")
+    if single:
+        records = [{"id": "0", "image": args.image, "text": args.prompt}]
+        folder = ""
+    else:
+        records = read_questions(args.questions)
+        folder = args.image_folder
+    model_id = args.model_id or pathlib.Path(args.checkpoint).name
+
+    def image_of(rec):
+        im = rec.get("image")
+        return None if not im else os.path.join(folder, im)
+
+    answerer = Answerer(args.checkpoint, args)
+    encoded = [answerer.encode(r.get("text", r.get("prompt")), image_of(r))
+               for r in tqdm(records, desc="encode", unit="q", disable=single, file=sys.stderr)]
+    answerer.build_engine(max(len(i) for i, _ in encoded))
+
+    out_f = open(args.output, "w") if (args.output and not single) else None
+    try:
+        n_done = 0
+        bar = tqdm(total=len(records), desc="generate", unit="q", disable=single, file=sys.stderr)
+        for b, chunk in enumerate(_batches(list(zip(records, encoded)), args.batch_size)):
+            answers = answerer.answer([e for _, e in chunk], args.seed + b)
+            for (rec, _), ans in zip(chunk, answers):
+                if single:
+                    print(ans)
+                    continue
+                row = {k: v for k, v in rec.items() if k not in ("text", "prompt")}
+                key = "question_id" if "question_id" in rec else "id"
+                row[key] = rec.get(key, n_done)
+                row.update(prompt=rec.get("text", rec.get("prompt")), answer=ans, model_id=model_id)
+                line = json.dumps(row)
+                if out_f:
+                    out_f.write(line + "\n")
+                else:
+                    print(line)
+                n_done += 1
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        if out_f:
+            out_f.close()
+    return 0
