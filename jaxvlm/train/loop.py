@@ -1,0 +1,309 @@
+"""The train loop: config -> mesh -> model/params (+ new tokens, + LoRA) -> optimizer groups ->
+sharded state (restored if a checkpoint exists) -> steps with metrics, checkpoints, NaN stop.
+
+Example:
+    >>> from jaxvlm.train.config import load_config, apply_overrides
+    >>> cfg = apply_overrides(load_config("configs/train_tiny.py"), ["train.steps=20"])
+    >>> summary = train(cfg)          # {"step": 20, "loss": ..., "workdir": ...}
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvlm.models.clip import CLIPVisionConfig
+from jaxvlm.models.llama import LMConfig
+from jaxvlm.models.llava import Llava, LlavaConfig
+from jaxvlm.models.params import init_params, logical_axes
+from jaxvlm.train import lora as LO
+from jaxvlm.train import mesh as M
+from jaxvlm.train import optim as O
+from jaxvlm.train import sharding as S
+from jaxvlm.train import sources
+from jaxvlm.train import state as ST
+from jaxvlm.train import tokens as TK
+from jaxvlm.train.checkpoint import Checkpointer
+from jaxvlm.train.config import Config
+from jaxvlm.train.step import StepShardings, make_train_step, vlm_lm_loss
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or gradient became NaN/inf; the state was not updated and no checkpoint was written."""
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def llava_config(cfg: Config) -> LlavaConfig:
+    m = cfg.model
+    if m.get("init_from"):
+        with open(os.path.join(m.init_from, "config.json")) as f:
+            lc = LlavaConfig.from_hf(json.load(f))
+    else:
+        lc = LlavaConfig(text=LMConfig(**m.text), vision=CLIPVisionConfig(**m.vision),
+                         image_token_id=m.image_token_id)
+    lc = lc.with_dtype(m.dtype, m.param_dtype)
+    return lc.replace(text=lc.text.replace(remat=m.text_remat), vision=lc.vision.replace(remat=m.vision_remat))
+
+
+def example_inputs(lc: LlavaConfig):
+    ids = jnp.full((1, lc.tokens_per_image), lc.image_token_id, jnp.int32)
+    pix = jnp.zeros((1, lc.vision.num_channels, lc.vision.image_size, lc.vision.image_size), jnp.float32)
+    return ids, pix
+
+
+def load_hf_params(path: str, lc: LlavaConfig) -> dict:
+    """A Hugging Face LLaVA directory (config.json + *.safetensors) -> jaxvlm params on the host."""
+    import glob
+
+    from safetensors import safe_open
+
+    from jaxvlm.conversion.api import llava_params_from_state
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    handles = [safe_open(f, framework="flax") for f in files]
+
+    class Lazy(dict):          # reads one tensor at a time
+        def __getitem__(self, k):
+            return np.asarray(dict.__getitem__(self, k).get_tensor(k))
+    state = Lazy({k: h for h in handles for k in h.keys()})
+    return llava_params_from_state(state, lc, dtype=np.dtype(lc.text.param_dtype))
+
+
+def make_data(cfg: Config, lc: LlavaConfig, local_batch: int):
+    d = cfg.data
+    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    if d.kind == "synthetic":
+        sc = sources.SyntheticConfig(seq_len=d.seq_len, vocab_size=lc.text.vocab_size,
+                                     image_token_id=lc.image_token_id, tokens_per_image=lc.tokens_per_image,
+                                     image_size=lc.vision.image_size, images_per_sample=d.images_per_sample)
+        return sources.synthetic_dataset(sc, local_batch, seed=d.seed, **shard)
+    if d.kind == "npz":
+        return sources.array_dataset(d.path, local_batch, seed=d.seed, **shard)
+    if d.kind == "pipeline":   # LLaVA-format records -> chat template -> tokens + images (jaxvlm.data)
+        from transformers import AutoTokenizer
+
+        from jaxvlm.data.image_processing import LlavaImageProcessor
+        from jaxvlm.data.pipeline import make_dataset
+        if not d.path or not os.path.isfile(d.path):
+            raise FileNotFoundError(f"data file not found: {d.path}")
+        tok = AutoTokenizer.from_pretrained(d.tokenizer or cfg.model.init_from)
+        return make_dataset(d.path, d.image_root, tok, d.template, LlavaImageProcessor.for_llava(lc),
+                            max_len=d.seq_len, images_per_sample=d.images_per_sample, batch_size=local_batch,
+                            seed=d.seed, image_token_id=lc.image_token_id, **shard)
+    raise ValueError(f"unknown data.kind {d.kind!r}; known: synthetic, npz, pipeline")
+
+
+class MetricsWriter:
+    """JSONL always; TensorBoard too when tensorboardX (or tensorboard) is importable."""
+
+    def __init__(self, workdir: str):
+        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.tb = None
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        except ImportError:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, record: dict) -> None:
+        self.file.write(json.dumps(dict(step=step, **record)) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _scalar(x) -> float | int:
+    x = np.asarray(x)
+    return x.item()
+
+
+def export_converted(cfg: Config, lc: LlavaConfig, trained: Any, spec: "LO.LoraSpec | None") -> str:
+    """Final params (LoRA merged) -> a converted checkpoint with the tokenizer files beside it."""
+    from jaxvlm.conversion.converted import save_converted
+    params = LO.merge_lora(trained["base"], trained["lora"], spec) if spec is not None else trained
+    tok_dir = cfg.data.get("tokenizer") or cfg.tokens.get("tokenizer")
+    hf_files = []
+    if tok_dir and os.path.isdir(tok_dir):
+        hf_files = [os.path.join(tok_dir, f) for f in sorted(os.listdir(tok_dir))
+                    if os.path.isfile(os.path.join(tok_dir, f))]
+    save_converted(cfg.train.export, lc, jax.device_get(params), hf_files=hf_files, source="jaxvlm train",
+                   overwrite=True)
+    return cfg.train.export
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progress: bool = True) -> dict:
+    """Run (or resume) training as configured; returns a summary dict. `hooks(step, metrics)` run
+    after every step (host side)."""
+    t_setup = time.time()
+    workdir = os.path.abspath(cfg.train.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = M.make_mesh(M.MeshConfig(**cfg.mesh))
+    dp = M.data_parallel_size(mesh)
+    gbs = int(cfg.data.batch_size)
+    if gbs % dp:
+        raise ValueError(f"data.batch_size={gbs} is not divisible by the data-parallel size {dp} "
+                         f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+    if gbs % cfg.train.accum_steps or (gbs // cfg.train.accum_steps) % dp:
+        raise ValueError(f"data.batch_size={gbs} / train.accum_steps={cfg.train.accum_steps} must be a multiple "
+                         f"of the data-parallel size {dp}")
+    if gbs % jax.process_count():
+        raise ValueError(f"data.batch_size={gbs} is not divisible by the {jax.process_count()} processes")
+    rules = S.make_rules(cfg.sharding.preset, cfg.sharding.overrides)
+    lc = llava_config(cfg)
+    key = jax.random.key(cfg.train.seed)
+    k_init, k_tok, k_lora, k_state = jax.random.split(key, 4)
+
+    # Data first: an unreadable file should fail before any compilation.
+    dataset = make_data(cfg, lc, gbs // jax.process_count())
+
+    # --- params: init or HF checkpoint, then new tokens, then LoRA
+    if cfg.model.get("init_from"):
+        params = load_hf_params(cfg.model.init_from, lc)
+    else:
+        params = jax.jit(lambda k: init_params(Llava(lc), k, *example_inputs(lc)))(k_init)
+    new_ids: list[int] = []
+    if cfg.tokens.add or cfg.tokens.num_new:
+        old_vocab = lc.text.vocab_size
+        if cfg.tokens.add:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(cfg.tokens.tokenizer)
+            TK.add_tokens(tok, list(cfg.tokens.add))
+            n_tokens = len(tok)
+            tok.save_pretrained(os.path.join(workdir, "tokenizer"))
+        else:
+            n_tokens = old_vocab + int(cfg.tokens.num_new)
+        lc, params = TK.grow_llava_vocab(lc, jax.device_get(params), n_tokens, k_tok, cfg.tokens.init,
+                                         multiple_of=cfg.tokens.multiple_of)
+        new_ids = list(range(old_vocab, lc.text.vocab_size))
+    model = Llava(lc)
+    logical = logical_axes(model, *example_inputs(lc))
+    spec = None
+    if cfg.lora.enabled:
+        spec = LO.LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                           targets=tuple(cfg.lora.targets), exclude=tuple(cfg.lora.exclude))
+        lora = LO.init_lora(params, spec, k_lora)
+        trainable = {"base": params, "lora": lora}
+        logical = {"base": logical, "lora": S.lora_logical_axes(logical, lora)}
+        loss_fn = vlm_lm_loss(model, lambda t, rng: LO.merge_lora(t["base"], t["lora"], spec, rng))
+    else:
+        trainable = params
+        loss_fn = vlm_lm_loss(model)
+
+    # --- optimizer groups
+    o = cfg.optim
+    frozen_rows = ()
+    if new_ids and not cfg.tokens.trainable:
+        frozen_rows = TK.frozen_rows_rule(new_ids, "base/" if spec else "")
+    ocfg = O.OptimConfig(groups=tuple(O.Group(**g) for g in o.groups), default_lr=o.default_lr,
+                         schedule=o.schedule, warmup_steps=o.warmup_steps,
+                         total_steps=o.total_steps or cfg.train.steps, end_lr_ratio=o.end_lr_ratio,
+                         b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                         frozen_rows=frozen_rows)
+    abstract = jax.eval_shape(lambda t: t, trainable)
+    opt = O.make_optimizer(ocfg, abstract)
+    log.info("optimizer groups:\n%s", O.describe(opt, abstract))
+
+    # --- sharded state (restored when a checkpoint exists)
+    p_sh = S.param_shardings(logical, abstract, mesh, rules,
+                             warn_replicated_bytes=int(cfg.sharding.warn_replicated_mib * 2**20))
+    st_sh = ST.state_shardings(p_sh, abstract, opt, mesh)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep, every=cfg.checkpoint.every,
+                        async_save=cfg.checkpoint.async_save)
+    it = iter(dataset)
+    resumed_from = ckpt.latest_step()
+    if resumed_from is not None:
+        del trainable, params
+        state, data_state, _ = ckpt.restore(resumed_from, ST.abstract_state(st_sh, abstract, opt))
+        if data_state is not None:
+            it.set_state(data_state)
+    else:
+        trainable = jax.device_put(trainable, p_sh)
+        state = jax.jit(lambda t: ST.create_train_state(t, opt, k_state), out_shardings=st_sh)(trainable)
+        del trainable, params
+    step_fn = make_train_step(loss_fn, opt, StepShardings(mesh, rules, st_sh), accum_steps=cfg.train.accum_steps,
+                              compiler_options={"xla_backend_optimization_level": 0} if cfg.train.fast_compile
+                              else None)
+
+    # --- loop
+    writer = MetricsWriter(workdir) if jax.process_index() == 0 else None
+    start = int(jax.device_get(state.step))
+    total = int(cfg.train.steps)
+    if writer:
+        writer.write(start, {"event": "start", "resumed_from": resumed_from, "setup_s": time.time() - t_setup,
+                             "mesh": dict(mesh.shape), "devices": jax.device_count(),
+                             "tensorboard": writer.tb is not None})
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+    meta = {"config": cfg.to_dict(), "vocab_size": lc.text.vocab_size, "new_token_ids": new_ids}
+    last: dict = {}
+    t_last, tokens_since, step = time.time(), 0, start
+    try:
+        for step in range(start + 1, total + 1):
+            batch = next(it)
+            tokens_since += int(np.prod(batch["input_ids"].shape)) * jax.process_count()
+            t_step = time.time()
+            state, metrics = step_fn(state, S.shard_batch(batch, mesh))
+            if step == start + 1 and writer:
+                jax.block_until_ready(metrics)
+                writer.write(step, {"event": "first_step", "compile_and_run_s": time.time() - t_step})
+            if not bool(metrics["finite"]):
+                ckpt.wait()
+                raise NonFiniteError(
+                    f"non-finite loss/gradient at step {step} (loss={float(metrics['loss'])}, grad_norm="
+                    f"{float(metrics['grad_norm'])}); stopped without applying the update. Last good checkpoint: "
+                    f"step {ckpt.latest_step()} in {ckpt.directory}")
+            ckpt.save(step, state, data_state=it.get_state(), meta=meta, force=step == total)
+            if step % cfg.train.log_every == 0 or step == total:
+                jax.block_until_ready(metrics)
+                now = time.time()
+                last = {k: _scalar(v) for k, v in metrics.items() if k != "finite"}
+                last["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                t_last, tokens_since = now, 0
+                if writer:
+                    writer.write(step, last)
+                if bar:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", gnorm=f"{last['grad_norm']:.3f}")
+            if bar:
+                bar.update(1)
+            for h in hooks:
+                h(step, metrics)
+        if spec is not None and jax.process_index() == 0:
+            from jaxvlm.conversion.table import llava_rules
+            LO.export_peft(os.path.join(workdir, "adapter"), jax.device_get(state.params["lora"]), spec,
+                           llava_rules(lc))
+        if cfg.train.get("export") and jax.process_index() == 0:
+            export_converted(cfg, lc, state.params, spec)
+    finally:
+        if bar:
+            bar.close()
+        ckpt.close()
+        if writer:
+            writer.close()
+    return {"step": step, "workdir": workdir, "resumed_from": resumed_from, **last}

@@ -1,0 +1,59 @@
+"""`jaxvlm train` rejects bad input with a clear message before compiling anything."""
+import os
+
+import numpy as np
+import pytest
+
+from jaxvlm.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "train_tiny.py")
+
+
+def run(tmp_path, capsys, *sets):
+    args = ["train", "--config", CONFIG, "--no-progress", "--workdir", str(tmp_path / "w")]
+    for s in sets:
+        args += ["--set", s]
+    rc = main(args)
+    return rc, capsys.readouterr().err
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    rc, err = run(tmp_path, capsys, "optim.learning_rate=1e-3")
+    assert rc == 2 and "unknown config key 'optim.learning_rate'" in err and "default_lr" in err
+
+
+def test_wrong_type(tmp_path, capsys):
+    rc, err = run(tmp_path, capsys, "train.steps=many")
+    assert rc == 2 and "train.steps" in err and "int" in err
+
+
+def test_mesh_larger_than_devices(tmp_path, capsys):
+    rc, err = run(tmp_path, capsys, "mesh.data=4", "mesh.fsdp=4")
+    assert rc == 2 and "needs 16 devices but only 8 are available" in err
+
+
+def test_batch_not_divisible(tmp_path, capsys):
+    rc, err = run(tmp_path, capsys, "data.batch_size=6", "mesh.data=8")
+    assert rc == 2 and "data.batch_size=6 is not divisible by the data-parallel size 8" in err
+
+
+def test_unreadable_data_file(tmp_path, capsys):
+    bad = tmp_path / "data.npz"
+    bad.write_bytes(b"this is not a zip archive")
+    rc, err = run(tmp_path, capsys, "data.kind='npz'", f"data.path='{bad}'")
+    assert rc == 2 and "cannot read data file" in err and str(bad) in err
+    rc, err = run(tmp_path, capsys, "data.kind='npz'", f"data.path='{tmp_path / 'missing.npz'}'")
+    assert rc == 2 and "data file not found" in err
+
+
+def test_npz_missing_arrays(tmp_path, capsys):
+    path = tmp_path / "d.npz"
+    np.savez(path, input_ids=np.zeros((4, 8), np.int32))
+    rc, err = run(tmp_path, capsys, "data.kind='npz'", f"data.path='{path}'")
+    assert rc == 2 and "lacks ['labels']" in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    rc = main(["train", "--config", str(tmp_path / "nope.py")])
+    assert rc == 2 and "config file not found" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""Optimizer groups by path regex: per-group learning rates, frozen params without optimizer state,
+frozen embedding rows (new tokens) that neither gradients nor weight decay move."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxvlm.train import optim as O
+from jaxvlm.train import tokens as TK
+
+
+def toy_params():
+    k = jax.random.key(0)
+    return {
+        "base": {"vision_tower": {"layers": {"fc1": {"kernel": jax.random.normal(k, (2, 8, 16))}}},
+                 "multi_modal_projector": {"linear_1": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros((8,))}},
+                 "language_model": {"embed_tokens": {"embedding": jnp.ones((12, 8))},
+                                    "lm_head": {"kernel": jnp.ones((8, 12))}}},
+        "lora": {"language_model": {"layers": {"q_proj": {"lora_a": jnp.ones((2, 8, 4)),
+                                                          "lora_b": jnp.zeros((2, 4, 8))}}}},
+    }
+
+
+def test_reverse_style_groups():
+    params = toy_params()
+    cfg = O.OptimConfig(groups=(O.Group("lora", r"lora/.*", 2e-4), O.Group("projector", r"base/multi_modal_projector/.*", 2e-5)),
+                        default_lr=None, schedule="constant")
+    opt = O.make_optimizer(cfg, params)
+    labels = opt.labels
+    assert labels["lora"]["language_model"]["layers"]["q_proj"]["lora_a"] == "lora"
+    assert labels["base"]["multi_modal_projector"]["linear_1"]["bias"] == "projector"
+    assert labels["base"]["language_model"]["embed_tokens"]["embedding"] == O.FROZEN
+    state = opt.tx.init(params)
+    # Adam moments (mu, nu) exist only for the 4 trainable tensors; frozen ones hold none.
+    sizes = sorted(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+    trainable_sizes = sorted([64, 64, 64, 8] * 2)      # lora_a, lora_b, projector kernel, bias
+    assert sizes == trainable_sizes
+    grads = jax.tree.map(jnp.ones_like, params)
+    upd, _ = opt.tx.update(grads, state, params)
+    assert float(jnp.abs(upd["base"]["vision_tower"]["layers"]["fc1"]["kernel"]).max()) == 0
+    lr_l = float(jnp.abs(upd["lora"]["language_model"]["layers"]["q_proj"]["lora_b"]).max())
+    lr_p = float(jnp.abs(upd["base"]["multi_modal_projector"]["linear_1"]["kernel"]).max())
+    assert lr_l == pytest.approx(2e-4, rel=1e-3) and lr_p == pytest.approx(2e-5, rel=1e-3)
+
+
+def test_schedules():
+    cfg = O.OptimConfig(default_lr=1.0, warmup_steps=10, total_steps=110, end_lr_ratio=0.1)
+    s = O.make_schedule(cfg, 1.0)
+    assert float(s(0)) == 0 and float(s(10)) == pytest.approx(1.0) and float(s(110)) == pytest.approx(0.1)
+    assert float(s(60)) == pytest.approx(0.55, rel=1e-3)     # cosine midpoint
+    c = O.make_schedule(O.OptimConfig(schedule="constant"), 3e-5)
+    assert float(c(0)) == float(c(1000)) == pytest.approx(3e-5)
+
+
+def test_frozen_new_token_rows():
+    params = toy_params()
+    new_ids = [10, 11]
+    cfg = O.OptimConfig(default_lr=1e-2, weight_decay=0.1, schedule="constant",
+                        frozen_rows=TK.frozen_rows_rule(new_ids, "base/"))
+    opt = O.make_optimizer(cfg, params)
+    state = opt.tx.init(params)
+    p = params
+    for i in range(3):
+        g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(i), x.shape), p)
+        upd, state = opt.tx.update(g, state, p)
+        p = optax.apply_updates(p, upd)
+    emb0 = params["base"]["language_model"]["embed_tokens"]["embedding"]
+    emb = p["base"]["language_model"]["embed_tokens"]["embedding"]
+    head = p["base"]["language_model"]["lm_head"]["kernel"]
+    np.testing.assert_array_equal(emb[10:], emb0[10:])
+    np.testing.assert_array_equal(head[:, 10:], params["base"]["language_model"]["lm_head"]["kernel"][:, 10:])
+    assert np.all(np.abs(emb[:10] - emb0[:10]) > 0)
+
+
+def test_all_frozen_is_an_error():
+    with pytest.raises(ValueError, match="every parameter is frozen"):
+        O.make_optimizer(O.OptimConfig(default_lr=None), toy_params())

@@ -1,0 +1,156 @@
+"""Sharded train step == single-device step (loss and updated parameters) on 8 simulated devices,
+for data / fsdp / tensor / mixed meshes (one with gradient accumulation); parameters really are sharded;
+NaN handling; checkpoint restore onto a different mesh."""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvlm.models.clip import CLIPVisionConfig
+from jaxvlm.models.llama import LMConfig
+from jaxvlm.models.llava import Llava, LlavaConfig
+from jaxvlm.models.params import init_params, logical_axes
+from jaxvlm.train import mesh as M
+from jaxvlm.train import optim as O
+from jaxvlm.train import sharding as S
+from jaxvlm.train import state as ST
+from jaxvlm.train.checkpoint import Checkpointer
+from jaxvlm.train.sources import SyntheticConfig, synthetic_dataset
+from jaxvlm.train.step import StepShardings, make_train_step, vlm_lm_loss
+
+TOL = 1e-5
+FAST = {"xla_backend_optimization_level": 0}   # CPU compile time; numerics are unaffected
+# (mesh, accumulation steps): (2, 2, 2) also accumulates over 2 micro-batches, which must equal the
+# full-batch step (micro losses are token-weighted), so one compile checks both.
+MESHES = [((8, 1, 1), 1), ((2, 4, 1), 1), ((2, 2, 2), 2), ((1, 1, 8), 1)]
+
+
+def rel(a, b, floor=1e-6) -> float:
+    """max|a-b| / max|b|. The floor matters only for leaves that are exactly 0 in exact arithmetic:
+    CLIP's k_proj bias gets a zero gradient (softmax ignores it), so it holds rounding noise
+    (~1e-15) whose relative difference between two reduction orders is meaningless."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), floor))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    # dims divisible by 8 wherever fsdp/tensor shard them (64, 128, 32 = 4 kv heads x 8)
+    cfg = LlavaConfig(text=LMConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
+                                    num_kv_heads=4),
+                      vision=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                              image_size=32, patch_size=8), image_token_id=127)
+    model = Llava(cfg)
+    ex = (jnp.full((1, 16), 127, jnp.int32), jnp.zeros((1, 3, 32, 32)))
+    params = jax.device_get(jax.jit(lambda k: init_params(model, k, *ex))(jax.random.key(0)))
+    logical = logical_axes(model, *ex)
+    abstract = jax.eval_shape(lambda p: p, params)
+    # eps=1: Adam's first update is lr * g / (|g| + eps); with eps ~0 it is lr * sign(g), which turns
+    # rounding noise of gradients that are exactly 0 in theory (CLIP's k_proj bias) into full-size
+    # differences between two correct reductions orders. eps=1 keeps the update a smooth function of g.
+    opt = O.make_optimizer(O.OptimConfig(default_lr=0.1, schedule="constant", eps=1.0, weight_decay=0.01),
+                           abstract)
+    batch = next(iter(synthetic_dataset(SyntheticConfig(), 8)))
+    loss_fn = vlm_lm_loss(model)
+    return dict(model=model, params=params, logical=logical, abstract=abstract, opt=opt, batch=batch,
+                loss_fn=loss_fn)
+
+
+def run_steps(setup, shape, accum=1, n=2):
+    mesh = M.make_mesh(shape, jax.devices()[:int(np.prod(shape))])
+    rules = S.make_rules("fsdp_tp")
+    p_sh = S.param_shardings(setup["logical"], setup["abstract"], mesh, rules)
+    st_sh = ST.state_shardings(p_sh, setup["abstract"], setup["opt"], mesh)
+    state = jax.device_put(ST.create_train_state(jax.tree.map(np.array, setup["params"]), setup["opt"],
+                                                 jax.random.key(1)), st_sh)
+    step = make_train_step(setup["loss_fn"], setup["opt"], StepShardings(mesh, rules, st_sh), accum_steps=accum,
+                           compiler_options=FAST)
+    batch = S.shard_batch(setup["batch"], mesh)
+    losses = []
+    for _ in range(n):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    return dict(mesh=mesh, state=state, losses=losses, step=step, batch=batch, metrics=m, st_sh=st_sh)
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    return run_steps(setup, (1, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    return {}
+
+
+@pytest.mark.parametrize("shape,accum", MESHES)
+def test_sharded_step_matches_single_device(setup, reference, runs, shape, accum):
+    out = runs[shape] = run_steps(setup, shape, accum=accum)
+    for got, want in zip(out["losses"], reference["losses"]):
+        assert abs(got - want) / abs(want) < TOL
+    ref_p = jax.device_get(reference["state"].params)
+    got_p = jax.device_get(out["state"].params)
+    init = setup["params"]
+    for (path, g), r, p0 in zip(jax.tree_util.tree_flatten_with_path(got_p)[0], jax.tree.leaves(ref_p),
+                                jax.tree.leaves(init)):
+        assert rel(g, r) < TOL, jax.tree_util.keystr(path)
+        assert rel(g - p0, r - p0) < 1e-4, f"update of {jax.tree_util.keystr(path)}"   # the update itself
+    # Really sharded: a device holds total / (shards) of a weight.
+    k = out["state"].params["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"]   # [L, embed, mlp]
+    mesh = out["mesh"]
+    shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    assert k.addressable_shards[0].data.nbytes == k.nbytes // shards
+    mu = jax.tree.leaves(out["state"].opt_state)
+    assert any(x.shape == k.shape and x.sharding.is_equivalent_to(k.sharding, k.ndim) for x in mu)
+
+
+def test_non_finite_step_keeps_state(setup, runs):
+    out = runs.get((2, 2, 2)) or run_steps(setup, (2, 2, 2), accum=2)
+    bad = dict(setup["batch"], pixel_values=np.full_like(setup["batch"]["pixel_values"], np.nan))
+    before = jax.device_get(out["state"])
+    state = jax.device_put(before, out["st_sh"])
+    state, m = out["step"](state, S.shard_batch(bad, out["mesh"]))
+    assert not bool(m["finite"])
+    after = jax.device_get(state)
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_restore_onto_other_mesh(setup, runs, tmp_path):
+    src = runs.get((8, 1, 1)) or run_steps(setup, (8, 1, 1))
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=2, every=1)
+    ckpt.save(2, src["state"], data_state={"next_index": 7}, meta={"note": "x"})
+    ckpt.close()
+    mesh = M.make_mesh((1, 2, 4))
+    rules = S.make_rules("fsdp_tp")
+    p_sh = S.param_shardings(setup["logical"], setup["abstract"], mesh, rules)
+    st_sh = ST.state_shardings(p_sh, setup["abstract"], setup["opt"], mesh)
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=2, every=1)
+    state, data_state, meta = ckpt.restore(ckpt.latest_step(), ST.abstract_state(st_sh, setup["abstract"], setup["opt"]))
+    ckpt.close()
+    assert data_state == {"next_index": 7} and meta == {"note": "x"}
+    k = state.params["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"]
+    assert k.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert k.addressable_shards[0].data.shape == (2, 32, 32)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(src["state"]))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_replicated_large_params_are_reported(setup):
+    mesh = M.make_mesh((1, 8, 1))
+    rules = S.make_rules("fsdp_tp", {"embed": None, "vocab": None})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        S.param_shardings(setup["logical"], setup["abstract"], mesh, rules, warn_replicated_bytes=16 << 10)
+    msg = " ".join(str(x.message) for x in w)
+    assert "language_model/embed_tokens/embedding" in msg and "lm_head" in msg
+
+
+def test_bad_batch_and_mesh():
+    with pytest.raises(ValueError, match="needs 16 devices but only 8"):
+        M.make_mesh((16, 1, 1))
+    mesh = M.make_mesh((8, 1, 1))
+    with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
+        S.shard_batch({"input_ids": np.zeros((6, 4), np.int32)}, mesh)
