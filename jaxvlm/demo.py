@@ -1,77 +1,369 @@
-"""`jaxvlm demo`: the embedded default, end to end on this machine, no downloads.
+"""`jaxvlm demo`: the embedded default, end to end on a 2-core CPU with no downloads.
 
-Stage 1 (always): a tiny LLaVA is built, one forward returns every layer's state, attention maps
-and the image-token positions; PNGs of attention over the image and of the logit lens are written.
-Later stages (shapes world -> train -> decode -> evaluate) run when their modules are present.
+1. generate the synthetic shapes world (cached) and its BPE tokenizer;
+2. train the tiny LLaVA recipe (`configs/shapes_llava.py`) through the sharded train loop, or use
+   the checkpoint that recipe produced (`assets/shapes_llava/`, reproduced by `--train`);
+3. decode the test split with `jaxvlm generate` (captions, VQA, POPE adversarial, REC, REG);
+4. score it with `jaxvlm eval` (CHAIR, POPE, VQA accuracy, REC Acc@0.5, METEOR) beside baselines;
+5. write PNGs: predicted boxes, attention over the image, a logit-lens heatmap.
+
+    jaxvlm demo --out out/demo              # uses the shipped checkpoint
+    jaxvlm demo --out out/demo --train      # retrains it from scratch (~25 min here)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import pathlib
+import random
+import sys
 import time
+from collections import Counter
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ASSET = REPO / "assets" / "shapes_llava"
+
+# The world the shipped checkpoint was trained on (deterministic from the seed).
+WORLD = dict(seed=0, n_train=3000, n_val=50, n_test=100, image_size=112)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="out/demo", help="output directory (PNGs, JSON report)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/demo", help="output directory (world, predictions, report, PNGs)")
+    p.add_argument("--train", action="store_true", help="train from scratch instead of using the shipped checkpoint")
+    p.add_argument("--steps", type=int, default=None, help="train steps (default: the recipe's)")
+    p.add_argument("--n-train", type=int, default=WORLD["n_train"])
+    p.add_argument("--n-test", type=int, default=WORLD["n_test"])
+    p.add_argument("--checkpoint", default=None, help="use this converted checkpoint instead")
+    p.add_argument("--batch-size", type=int, default=32, help="decode batch size")
+    p.add_argument("--save-asset", action="store_true",
+                   help=f"write the trained checkpoint to {ASSET.relative_to(REPO)} (what the shipped demo uses)")
 
 
-def introspection_stage(out_dir: str, seed: int) -> dict:
+# ----------------------------------------------------------------------------- stages
+
+
+def build_world(out: pathlib.Path, n_train: int, n_test: int):
+    from jaxvlm.data.shapes_tokenizer import build_tokenizer
+    from jaxvlm.data.shapes_world import generate_world
+    w = generate_world(out / "world", seed=WORLD["seed"], n_train=n_train, n_val=WORLD["n_val"], n_test=n_test,
+                       image_size=WORLD["image_size"])
+    tok_dir = out / "tokenizer"
+    tok = build_tokenizer(w, tok_dir)
+    return w, tok, tok_dir
+
+
+def train_model(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None,
+                overrides: tuple[str, ...] = ()) -> tuple[pathlib.Path, dict]:
+    """Run the recipe through `jaxvlm.train.loop.train`; returns (converted checkpoint dir, summary)."""
+    import importlib.util
+
+    from jaxvlm.train.config import apply_overrides
+    from jaxvlm.train.loop import train
+    spec = importlib.util.spec_from_file_location("shapes_llava", REPO / "configs" / "shapes_llava.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    ckpt = out / "checkpoint"
+    sets = [f"data.path={world.llava['train']}", f"data.image_root={world.image_root}",
+            f"data.tokenizer={tok_dir}", f"train.workdir={out / 'train'}", f"train.export={ckpt}"]
+    if steps is not None:
+        sets.append(f"train.steps={steps}")
+    cfg = apply_overrides(cfg, sets + list(overrides))
+    summary = train(cfg)
+    return ckpt, summary
+
+
+def questions(world, split: str = "test") -> dict[str, tuple[list[dict], Any]]:
+    """Question files (for `jaxvlm generate`) and annotations (for `jaxvlm eval`) per task."""
+    from PIL import Image
+    recs = json.load(open(world.llava[split]))
+    insts = json.load(open(world.instances[split]))
+    images = {im["id"]: im for im in insts["images"]}
+    file_to_id = {f"{split}/{im['file_name']}": im["id"] for im in insts["images"]}
+    caps, vqa, vqa_ann, rec, rec_ann, reg, reg_ann = [], [], [], [], [], [], []
+    for r in recs:
+        image = r["image"]
+        imid = file_to_id[image]
+        turns = r["conversations"]
+        for k in range(0, len(turns), 2):
+            q = turns[k]["value"].replace("<image>", "").strip()
+            a = turns[k + 1]["value"]
+            qid = f"{r['id']}_{k // 2}"
+            if r["id"].endswith("_caption"):
+                caps.append({"question_id": imid, "image_id": imid, "image": image, "text": q})
+            elif r["id"].endswith("_vqa"):
+                vqa.append({"question_id": qid, "image": image, "text": q})
+                vqa_ann.append({"question_id": qid, "answers": [a] * 10})
+            elif q.startswith("Give the bounding box"):
+                x1, y1, x2, y2 = json.loads(a)
+                w, h = images[imid]["width"], images[imid]["height"]
+                rec.append({"question_id": qid, "image": image, "text": q})
+                rec_ann.append({"question_id": qid, "bbox": [x1 * w, y1 * h, x2 * w, y2 * h], "width": w, "height": h})
+            else:
+                reg.append({"question_id": qid, "image_id": qid, "image": image, "text": q})
+                reg_ann.append({"image_id": qid, "caption": a})
+    pope = [json.loads(line) for line in open(world.pope[split]["adversarial"])]
+    pope_q = [{"question_id": p["question_id"], "image": f"{split}/{p['image']}", "text": p["text"]} for p in pope]
+    del Image
+    return {
+        "caption": (caps, [world.instances[split], world.captions[split]]),
+        "vqa": (vqa, vqa_ann),
+        "pope_adversarial": (pope_q, pope),
+        "rec": (rec, rec_ann),
+        "reg": (reg, reg_ann),
+    }
+
+
+MAX_NEW = {"caption": 96, "vqa": 8, "pope_adversarial": 6, "rec": 28, "reg": 16}
+
+
+def decode_all(ckpt: pathlib.Path, world, tasks: dict, out: pathlib.Path, batch_size: int) -> dict[str, pathlib.Path]:
+    """`jaxvlm generate` in batch mode, one engine per task length."""
+    from jaxvlm.generate import cli as gen
+    preds = {}
+    for task, (qs, _) in tasks.items():
+        qfile, pfile = out / "questions" / f"{task}.jsonl", out / "predictions" / f"{task}.jsonl"
+        qfile.parent.mkdir(parents=True, exist_ok=True)
+        pfile.parent.mkdir(parents=True, exist_ok=True)
+        qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
+        p = argparse.ArgumentParser()
+        gen.add_arguments(p)
+        args = p.parse_args(["--checkpoint", str(ckpt), "--questions", str(qfile), "--image-folder",
+                             str(world.image_root), "--output", str(pfile), "--batch-size", str(batch_size),
+                             "--max-new-tokens", str(MAX_NEW[task])])
+        print(f"[demo] decoding {task}: {len(qs)} questions", file=sys.stderr)
+        gen.main(args)
+        preds[task] = pfile
+    return preds
+
+
+class _PlainShapesExtractor:
+    """CHAIR word extraction without nltk data, exact for the shapes vocabulary (regular plurals
+    only): used when wordnet/punkt_tab/the POS tagger are not installed (no network here)."""
+
+    def __init__(self, categories):
+        self.forms = {c: c for c in categories}
+        self.forms.update({(c + "es" if c.endswith(("s", "x", "sh", "ch")) else c + "s"): c for c in categories})
+
+    def __call__(self, caption: str):
+        import re
+
+        from jaxvlm.eval.chair import CaptionObjects
+        tokens = tuple(self.forms.get(w, w) for w in re.findall(r"[a-z]+", caption.lower()))
+        words = tuple(w for w in tokens if w in self.forms.values())
+        return CaptionObjects(words, words, tokens)
+
+
+def shapes_chair_extractor():
+    """CHAIR over the shapes world's 12 categories (nltk pipeline when its data is installed)."""
+    from jaxvlm.data.shapes_world.vocab import CATEGORIES
+    from jaxvlm.eval.chair import ChairExtractor
+    from jaxvlm.eval.nltk_data import MissingNLTKDataError
+    try:
+        return ChairExtractor({c: c for c in CATEGORIES})
+    except MissingNLTKDataError as e:
+        print(f"[demo] nltk data missing ({str(e).splitlines()[0][:80]}...): CHAIR uses a plain tokenizer, "
+              "exact for the shapes vocabulary", file=sys.stderr)
+        return _PlainShapesExtractor(CATEGORIES)
+
+
+def evaluate_all(preds: dict, tasks: dict, world, out: pathlib.Path) -> dict:
+    from jaxvlm.eval import evaluate
+    ex = shapes_chair_extractor()
+    r = {}
+    r["chair"] = evaluate("chair", preds["caption"], tasks["caption"][1], mode="coco", extractor=ex)["scores"]
+    r["pope_adversarial"] = evaluate("pope", preds["pope_adversarial"], tasks["pope_adversarial"][1])["scores"]
+    r["vqa"] = evaluate("vqa", preds["vqa"], tasks["vqa"][1])["scores"]
+    r["rec"] = evaluate("rec", preds["rec"], tasks["rec"][1], box_format="llava", square_pad=False)["scores"]
+    r["reg_meteor"] = evaluate("caption", preds["reg"], tasks["reg"][1], metrics=("METEOR",))["scores"]
+    return r
+
+
+def baselines(world, tasks: dict, seed: int = 0) -> dict:
+    """Reference points the trained model must beat (computed on the same test questions)."""
+    from jaxvlm.data.shapes_world.vocab import CATEGORIES, COLOURS
+    from jaxvlm.eval import evaluate
+    from jaxvlm.eval.io import load_predictions
+    rng = random.Random(seed)
+    out = {}
+    # VQA: always answer the most frequent test answer.
+    answers = Counter(a["answers"][0] for a in tasks["vqa"][1])
+    major = answers.most_common(1)[0][0]
+    vq = load_predictions([{"question_id": q["question_id"], "text": major} for q in tasks["vqa"][0]])
+    out["vqa_majority"] = {"answer": major, **evaluate("vqa", vq, tasks["vqa"][1])["scores"]}
+    # REC: the centre half of the image.
+    rq = load_predictions([{"question_id": q["question_id"], "text": "[0.25, 0.25, 0.75, 0.75]"}
+                           for q in tasks["rec"][0]])
+    out["rec_centre_box"] = evaluate("rec", rq, tasks["rec"][1], box_format="llava", square_pad=False)["scores"]
+    # Captions: as many random objects as the image has.
+    insts = json.load(open(world.instances["test"]))
+    n_obj = Counter(a["image_id"] for a in insts["annotations"])
+    colours = list(COLOURS)
+    cq = []
+    for q in tasks["caption"][0]:
+        objs = [f"a {rng.choice(colours)} {rng.choice(CATEGORIES)}" for _ in range(n_obj[q["image_id"]])]
+        cq.append({"question_id": q["question_id"], "image_id": q["image_id"],
+                   "text": "The image shows " + ", ".join(objs) + "."})
+    out["chair_random_objects"] = evaluate("chair", load_predictions(cq, id_key="image_id"), tasks["caption"][1],
+                                           mode="coco", extractor=shapes_chair_extractor())["scores"]
+    return out
+
+
+def pictures(ckpt: pathlib.Path, world, tasks: dict, preds: dict, out: pathlib.Path) -> list[str]:
+    """Predicted vs true box, attention of the last prompt token over the image, a logit lens."""
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from PIL import Image, ImageDraw
 
-    from jaxvlm.models.clip import CLIPVisionConfig
-    from jaxvlm.models.llama import LMConfig
-    from jaxvlm.models.llava import Llava, LlavaConfig
-    from jaxvlm.models.params import count_params, init_params
+    from jaxvlm.data.chat_templates import encode_prompt, get_template
+    from jaxvlm.eval.grounding import parse_box
+    from jaxvlm.generate.cli import load_model
     from jaxvlm.viz import save_attention_overlay, save_logit_lens_heatmap
 
-    cfg = LlavaConfig(
-        text=LMConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
-                      num_kv_heads=2),
-        vision=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, image_size=64,
-                                patch_size=8),
-        image_token_id=255)
-    model = Llava(cfg)
-    rng = np.random.default_rng(seed)
-    n_img = cfg.tokens_per_image
-    ids = np.concatenate([[1, 5, 6], np.full(n_img, cfg.image_token_id), rng.integers(3, 250, 12)])[None]
-    yy, xx = np.mgrid[0:64, 0:64]
-    image = np.stack([(xx * 4) % 256, (yy * 4) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
-    pix = ((image.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]
-    params = init_params(model, jax.random.key(seed), jnp.asarray(ids), jnp.asarray(pix))
-    t0 = time.perf_counter()
-    out = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x, output_hidden_states=True,
-                                              output_vision_hidden_states=True, attn_layers=(-1,)))(
-        params, jnp.asarray(ids), jnp.asarray(pix))
-    fwd_s = time.perf_counter() - t0
-    img_pos = np.nonzero(np.asarray(out.image_token_mask[0]))[0]
-    attn_last = np.asarray(out.attentions[0, 0, :, -1, :]).mean(0)[img_pos]
-    grid = (cfg.vision.image_size // cfg.vision.patch_size,) * 2
-    lens = jax.vmap(lambda h: model.apply({"params": params}, h, True, method="logit_lens"))(out.hidden_states)
-    tail = slice(ids.shape[1] - 10, ids.shape[1])
-    pngs = [
-        save_attention_overlay(image, attn_last, grid, os.path.join(out_dir, "attention_last_token.png")),
-        save_logit_lens_heatmap(np.asarray(lens[:, 0, tail]), [str(t) for t in ids[0, tail]],
-                                os.path.join(out_dir, "logit_lens.png"), decode=lambda t: [str(i) for i in t]),
+    cfg, model, params, tok, proc, _ = load_model(str(ckpt))
+    pngs = []
+    rec_q, rec_ann = tasks["rec"]
+    pred = {json.loads(line)["question_id"]: json.loads(line)["answer"] for line in open(preds["rec"])}
+    q, ann = rec_q[0], rec_ann[0]
+    img = Image.open(world.image_root / q["image"]).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle(ann["bbox"], outline=(0, 255, 0), width=2)
+    parsed = parse_box(pred.get(q["question_id"], ""), "llava")
+    if parsed is not None:
+        x1, y1, x2, y2 = parsed[1]
+        draw.rectangle([x1 * img.width, y1 * img.height, x2 * img.width, y2 * img.height], outline=(255, 0, 0), width=2)
+    path = out / "rec_boxes.png"
+    img.resize((img.width * 3, img.height * 3), Image.NEAREST).save(path)
+    pngs.append(str(path))
+
+    # one forward over a VQA prompt: attention over the image and every layer's logit lens
+    vq = tasks["vqa"][0][0]
+    image = Image.open(world.image_root / vq["image"]).convert("RGB")
+    pix = proc(image)
+    ids = encode_prompt(get_template("vicuna_v1"), [{"role": "user", "content": "<image>\n" + vq["text"]}], tok,
+                        image_token_id=cfg.image_token_id, image_token_counts=(pix.num_tokens,))
+    layer = cfg.text.num_layers - 1
+    o = model.apply({"params": params}, jnp.asarray(ids)[None], jnp.asarray(pix.pixel_values)[None],
+                    output_hidden_states=True, attn_layers=(layer,))
+    img_pos = np.nonzero(np.asarray(o.image_token_mask[0]))[0]
+    attn = np.asarray(o.attentions[0, 0, :, -1, :]).mean(0)[img_pos]
+    g = cfg.vision.image_size // cfg.vision.patch_size
+    pngs.append(save_attention_overlay(np.asarray(image.resize((cfg.vision.image_size,) * 2)), attn, (g, g),
+                                       str(out / "attention_over_image.png"),
+                                       title=f"layer {layer}: last prompt token -> image ({vq['text'][:40]}...)"))
+    lens = jax.vmap(lambda h: model.apply({"params": params}, h, True, method="logit_lens"))(o.hidden_states)
+    tail = slice(len(ids) - 12, len(ids))
+    pngs.append(save_logit_lens_heatmap(np.asarray(lens[:, 0, tail]), tok.convert_ids_to_tokens(list(ids[tail])),
+                                        str(out / "logit_lens.png"), decode=tok.convert_ids_to_tokens))
+    return pngs
+
+
+def format_table(metrics: dict, base: dict) -> str:
+    rows = [
+        ("VQA accuracy", metrics["vqa"].get("accuracy"), base["vqa_majority"].get("accuracy"),
+         f"majority answer '{base['vqa_majority']['answer']}'"),
+        ("REC Acc@0.5", metrics["rec"].get("acc@0.5"), base["rec_centre_box"].get("acc@0.5"), "centre box"),
+        ("REC mean IoU", metrics["rec"].get("mean_iou"), base["rec_centre_box"].get("mean_iou"), "centre box"),
+        ("CHAIR-i (captions)", metrics["chair"].get("CHAIRi"), base["chair_random_objects"].get("CHAIRi"),
+         "random-object captioner"),
+        ("CHAIR-s (captions)", metrics["chair"].get("CHAIRs"), base["chair_random_objects"].get("CHAIRs"),
+         "random-object captioner"),
+        ("Recall (captions)", metrics["chair"].get("Recall"), base["chair_random_objects"].get("Recall"),
+         "random-object captioner"),
+        ("POPE adv. accuracy", metrics["pope_adversarial"].get("accuracy"), 0.5, "chance"),
+        ("POPE adv. F1", metrics["pope_adversarial"].get("f1"), None, ""),
+        ("POPE adv. yes-ratio", metrics["pope_adversarial"].get("yes_ratio"), 0.5, "balanced"),
+        ("REG METEOR", metrics["reg_meteor"].get("METEOR"), None, ""),
     ]
-    return {
-        "params": count_params(params), "hidden_states": list(out.hidden_states.shape),
-        "vision_hidden_states": list(out.vision_hidden_states.shape), "image_tokens": int(len(img_pos)),
-        "first_forward_s_incl_compile": round(fwd_s, 2), "pngs": pngs,
-    }
+    lines = [f"{'metric':24s} {'model':>8s} {'baseline':>9s}  baseline is", "-" * 70]
+    for name, v, b, what in rows:
+        fv = f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'-':>8s}"
+        fb = f"{b:9.3f}" if isinstance(b, (int, float)) else f"{'':>9s}"
+        lines.append(f"{name:24s} {fv} {fb}  {what}")
+    return "\n".join(lines)
+
+
+def save_asset(ckpt: pathlib.Path, tok_dir: pathlib.Path, asset: pathlib.Path = ASSET) -> pathlib.Path:
+    """A converted checkpoint -> `assets/shapes_llava/` (fp32 safetensors + config + tokenizer)."""
+    import shutil
+
+    import jax
+    import numpy as np
+
+    from jaxvlm.conversion.converted import load_converted
+    from jaxvlm.conversion.io import write_safetensors
+    from jaxvlm.models.config_io import config_to_dict
+    cfg, params = load_converted(ckpt)
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    tmp = asset.with_name(asset.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "tokenizer").mkdir(parents=True)
+    write_safetensors(tmp / "params.safetensors", sorted(flat.items()))
+    (tmp / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    for f in sorted(os.listdir(tok_dir)):
+        shutil.copy2(pathlib.Path(tok_dir) / f, tmp / "tokenizer" / f)
+    (tmp / "README.md").write_text(
+        "The shapes-world LLaVA the embedded default uses, trained by this repository's recipe:\n\n"
+        "    jaxvlm demo --out out/demo --train --save-asset\n\n"
+        f"({WORLD}, configs/shapes_llava.py). Loaded by `jaxvlm demo`.\n")
+    shutil.rmtree(asset, ignore_errors=True)
+    os.replace(tmp, asset)
+    return asset
+
+
+def shipped_checkpoint(out: pathlib.Path) -> pathlib.Path:
+    """The recipe's checkpoint from `assets/` (safetensors + config + tokenizer) -> a converted dir."""
+    from jaxvlm.conversion.converted import save_converted
+    from jaxvlm.conversion.io import open_checkpoint
+    from jaxvlm.models.config_io import config_from_dict
+    cfg = config_from_dict(json.loads((ASSET / "config.json").read_text()))
+    reader = open_checkpoint(str(ASSET / "params.safetensors"))
+    params: dict = {}
+    for key in reader.keys():
+        node = params
+        parts = key.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = reader.get(key).astype("float32")
+    hf = [ASSET / "tokenizer" / f for f in sorted(os.listdir(ASSET / "tokenizer"))]
+    return save_converted(out / "checkpoint_shipped", cfg, params, hf_files=hf, source=str(ASSET), overwrite=True)
 
 
 def main(args) -> int:
     t0 = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    report = {"introspection": introspection_stage(args.out, args.seed)}
-    report["total_s"] = round(time.perf_counter() - t0, 1)
-    path = os.path.join(args.out, "report.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(json.dumps(report, indent=1))
-    print(f"report: {path}")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    world, tok, tok_dir = build_world(out, args.n_train, args.n_test)
+    timings["world_s"] = round(time.perf_counter() - t0, 1)
+    train_summary = None
+    if args.checkpoint:
+        ckpt = pathlib.Path(args.checkpoint)
+    elif args.train or not (ASSET / "params.safetensors").is_file():
+        t = time.perf_counter()
+        ckpt, train_summary = train_model(out, world, tok_dir, args.steps)
+        timings["train_s"] = round(time.perf_counter() - t, 1)
+        if args.save_asset:
+            print(f"[demo] wrote {save_asset(ckpt, tok_dir)}", file=sys.stderr)
+    else:
+        ckpt = shipped_checkpoint(out)
+    tasks = questions(world, "test")
+    t = time.perf_counter()
+    preds = decode_all(ckpt, world, tasks, out, args.batch_size)
+    timings["decode_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    metrics = evaluate_all(preds, tasks, world, out)
+    base = baselines(world, tasks)
+    timings["eval_s"] = round(time.perf_counter() - t, 1)
+    pngs = pictures(ckpt, world, tasks, preds, out)
+    timings["total_s"] = round(time.perf_counter() - t0, 1)
+    report = {"checkpoint": str(ckpt), "metrics": metrics, "baselines": base, "train": train_summary,
+              "timings": timings, "pngs": pngs, "n_questions": {k: len(v[0]) for k, v in tasks.items()}}
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    print(format_table(metrics, base))
+    print(f"\nPNGs: {', '.join(pngs)}\nreport: {out / 'report.json'}\ntime: {timings}")
     return 0

@@ -183,7 +183,10 @@ class ChairExtractor:
         ('dog', 'hot dog', 'dining table')
     """
 
-    def __init__(self) -> None:
+    def __init__(self, synonyms: Mapping[str, str] | None = None) -> None:
+        """synonyms: word -> object node for another object vocabulary (e.g. the shapes world's
+        categories); default the COCO-80 table. Double-word merging stays COCO's."""
+        self._synonyms = dict(SYNONYM_TO_NODE if synonyms is None else synonyms)
         require_nltk_data()
         import nltk
         from nltk.corpus import wordnet
@@ -219,8 +222,8 @@ class ChairExtractor:
         # "the seat of the toilet" must not fire "chair".
         if "toilet" in words and "seat" in words:
             words = [w for w in words if w != "seat"]
-        objs = [w for w in words if w in COCO_OBJECT_WORDS]
-        out = CaptionObjects(tuple(objs), tuple(SYNONYM_TO_NODE[w] for w in objs), tuple(merged))
+        objs = [w for w in words if w in self._synonyms]
+        out = CaptionObjects(tuple(objs), tuple(self._synonyms[w] for w in objs), tuple(merged))
         if len(self._cache) < 100_000:
             self._cache[caption] = out
         return out

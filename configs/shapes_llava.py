@@ -1,0 +1,29 @@
+"""The embedded default's recipe: a ~2M-parameter LLaVA (CLIP-style ViT + mlp2x_gelu projector +
+Llama LM) learning the synthetic shapes world from scratch on a 2-core CPU.
+
+    jaxvlm train --config configs/shapes_llava.py \
+        --set data.path=out/demo/world/llava/train.json --set data.image_root=out/demo/world/images \
+        --set data.tokenizer=out/demo/tokenizer --set train.export=out/demo/checkpoint
+
+`jaxvlm demo` generates the world and tokenizer and sets these paths itself.
+"""
+from jaxvlm.train.config import train_defaults
+
+VOCAB = 768            # jaxvlm.data.shapes_tokenizer default vocab size
+IMAGE_TOKEN_ID = 4     # "<image>" in the shapes tokenizer (checked by the demo)
+
+
+def get_config():
+    cfg = train_defaults()
+    cfg.model.update(
+        text=dict(vocab_size=VOCAB, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6,
+                  num_kv_heads=2, max_position_embeddings=512, rope_theta=10000.0),
+        vision=dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, image_size=112,
+                    patch_size=16),
+        image_token_id=IMAGE_TOKEN_ID)
+    cfg.data.update(kind="pipeline", template="vicuna_v1", batch_size=16, seq_len=208, images_per_sample=1, seed=0)
+    cfg.optim.update(default_lr=1e-3, schedule="warmup_cosine", warmup_steps=100, weight_decay=0.01,
+                     clip_norm=1.0, end_lr_ratio=0.05)
+    cfg.train.update(steps=2500, log_every=25, workdir="out/demo/train")
+    cfg.checkpoint.update(every=500, keep=1)
+    return cfg
