@@ -10,6 +10,9 @@ the params, and `hf_files/` with the tokenizer (and image-processor) files.
 Batch mode reads JSONL records `{"question_id" | "id", "image", "text" | "prompt", ...}` and writes
 `{"question_id" | "id", "prompt", "answer", "model_id", ...}` per record (the eval harness reads it);
 other fields of the input record are carried over.
+
+Families: LLaVA-1.5 / LLaVA-MORE (CLIP pixels), Qwen2-VL / Qwen2.5-VL (HF's Qwen2-VL image processor
+from `hf_files/preprocessor_config.json`, chatml, M-RoPE positions from `qwen2_vl.rope_index`).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-DEFAULT_TEMPLATES = {"llava": "vicuna_v1", "llava_llama3": "llama3"}
+DEFAULT_TEMPLATES = {"llava": "vicuna_v1", "llava_llama3": "llama3", "qwen2_vl": "chatml"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,8 +79,19 @@ def load_model(ckpt: str, dtype: str | None = None):
             hf_proc = AutoImageProcessor.from_pretrained(str(hf_dir))
         family = "llava_llama3" if cfg.text.vocab_size >= 128000 else "llava"
         return cfg, Llava(cfg), params, tok, LlavaImageProcessor.for_llava(cfg, hf_proc), family
-    raise NotImplementedError(f"`jaxvlm generate` serves LLaVA checkpoints so far; got a {type(cfg).__name__} "
-                              f"(decode Qwen2-VL with jaxvlm.generate.Engine and rope_index positions)")
+    from jaxvlm.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
+    if isinstance(cfg, Qwen2VLConfig):
+        from jaxvlm.data.qwen2_vl_processing import make_image_processor
+        if (hf_dir / "preprocessor_config.json").is_file():
+            import transformers   # the PIL processor: HF's Auto class would pick the torchvision one
+            proc = transformers.Qwen2VLImageProcessorPil.from_pretrained(str(hf_dir))
+        else:
+            proc = make_image_processor(patch_size=cfg.vision.patch_size,
+                                        temporal_patch_size=cfg.vision.temporal_patch_size,
+                                        merge_size=cfg.vision.spatial_merge_size)
+        return cfg, Qwen2VL(cfg), params, tok, proc, "qwen2_vl"
+    raise NotImplementedError(f"`jaxvlm generate` serves LLaVA and Qwen2/2.5-VL checkpoints; got a "
+                              f"{type(cfg).__name__} (decode it with jaxvlm.generate.Engine)")
 
 
 def read_questions(path: str) -> list[dict]:
@@ -107,6 +121,7 @@ class Answerer:
         from jaxvlm.generate import SamplerConfig
 
         self.cfg, self.model, self.params, self.tok, self.proc, family = load_model(ckpt, args.dtype)
+        self.qwen2 = family == "qwen2_vl"
         self.template = get_template(args.template or DEFAULT_TEMPLATES[family])
         self.system = args.system
         eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
@@ -122,14 +137,19 @@ class Answerer:
         self.args = args
         self.engine = None
 
-    def build_engine(self, longest_prompt: int) -> None:
-        """One engine (one compile) for all batches: the cache fits the longest prompt + answer."""
+    def build_engine(self, longest_prompt: int, max_patches: int = 0) -> None:
+        """One engine (one compile) for all batches: the cache fits the longest prompt + answer
+        (Qwen2-VL: and each batch's patches are padded for `max_patches` per image)."""
         from jaxvlm.generate import Engine
         a = self.args
+        self.max_patches = max_patches
         max_len = a.max_len or -(-(longest_prompt + a.max_new_tokens) // 128) * 128
         self.engine = Engine(self.model, batch_size=a.batch_size, max_len=max_len, sampler=self.sampler)
 
-    def encode(self, prompt: str, image_path: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode(self, prompt: str, image_path: str | None) -> tuple[np.ndarray, Any]:
+        """-> (ids [T], pixels): LLaVA pixels `[3, H, W]`, Qwen2-VL `(patches [N, D], grid_thw [3])`."""
+        if self.qwen2:
+            return self._encode_qwen2(prompt, image_path)
         from jaxvlm.data.chat_templates import encode_prompt
         from jaxvlm.data.image_processing import load_image
         msgs = []
@@ -145,14 +165,55 @@ class Answerer:
                             image_token_counts=counts)
         return ids, pix
 
-    def answer(self, items: list[tuple[np.ndarray, np.ndarray | None]], seed: int) -> list[str]:
-        """items: (ids [T], pixel_values [3, H, W] | None) -> decoded answers."""
+    def _encode_qwen2(self, prompt: str, image_path: str | None):
+        from jaxvlm.data.chat_templates import encode_prompt
+        from jaxvlm.data.image_processing import load_image
+        msgs = [] if self.system is None else [{"role": "system", "content": self.system}]
+        content = prompt if image_path is None else "<image>\n" + prompt.replace("<image>", "").strip()
+        msgs.append({"role": "user", "content": content})
+        pix, counts = None, ()
+        if image_path is not None:
+            out = self.proc(images=[load_image(image_path)], return_tensors="np")
+            grid = np.asarray(out["image_grid_thw"], np.int64)[0]
+            pix = (np.asarray(out["pixel_values"], np.float32), grid)
+            counts = (int(grid.prod()) // self.cfg.vision.spatial_merge_size ** 2,)
+        ids = encode_prompt(self.template, msgs, self.tok, image_token_id=self.cfg.image_token_id,
+                            image_token_counts=counts)
+        return ids, pix
+
+    def _qwen2_vision(self, batch: dict, items) -> None:
+        """Pack the batch's patches into `[batch_size * most patches of one image, D]` (zero rows
+        after) and grids into `[batch_size, 3]`, so every batch has one shape (one compile), and add
+        the M-RoPE positions."""
+        import jax
+        import jax.numpy as jnp
+
+        from jaxvlm.models.qwen2_vl import rope_index
+        imgs = [p for _, p in items if p is not None]
+        if imgs:
+            d = imgs[0][0].shape[1]
+            n_max = self.args.batch_size * self.max_patches
+            pix = np.concatenate([p for p, _ in imgs])
+            grid = np.stack([g for _, g in imgs])
+            batch["pixel_values"] = np.concatenate([pix, np.zeros((n_max - len(pix), d), np.float32)])
+            batch["image_grid_thw"] = np.concatenate([grid, np.zeros((self.args.batch_size - len(grid), 3), np.int64)])
+        if not hasattr(self, "_rope_index"):
+            self._rope_index = jax.jit(rope_index, static_argnums=0)
+        pos, _ = self._rope_index(self.cfg, jnp.asarray(batch["input_ids"]),
+                                  None if not imgs else jnp.asarray(batch["image_grid_thw"]),
+                                  attention_mask=jnp.asarray(batch["attention_mask"]))
+        batch["positions"] = np.asarray(pos)
+
+    def answer(self, items: list[tuple[np.ndarray, Any]], seed: int) -> list[str]:
+        """items: (ids [T], pixels as `encode` returns them | None) -> decoded answers."""
         t = max(len(i) for i, _ in items)
         ids = np.stack([np.pad(i, (t - len(i), 0), constant_values=self.sampler.pad_token_id) for i, _ in items])
         mask = np.stack([np.pad(np.ones(len(i), np.int32), (t - len(i), 0)) for i, _ in items])
         pix = [p for _, p in items if p is not None]
         batch = dict(input_ids=ids, attention_mask=mask)
-        if pix:
+        if self.qwen2:
+            self._qwen2_vision(batch, items)
+        elif pix:
             batch["pixel_values"] = np.stack(pix)
         out = self.engine.generate(self.params, batch, max_new_tokens=self.args.max_new_tokens,
                                    temperature=self.args.temperature, rng=seed, stop_strings=self.stop_strings,
@@ -191,7 +252,8 @@ def main(args: argparse.Namespace) -> int:
     answerer = Answerer(args.checkpoint, args)
     encoded = [answerer.encode(r.get("text", r.get("prompt")), image_of(r))
                for r in tqdm(records, desc="encode", unit="q", disable=single, file=sys.stderr)]
-    answerer.build_engine(max(len(i) for i, _ in encoded))
+    answerer.build_engine(max(len(i) for i, _ in encoded),
+                          max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
 
     out_f = open(args.output, "w") if (args.output and not single) else None
     try:

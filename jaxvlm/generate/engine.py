@@ -76,17 +76,36 @@ class Engine:
     hooks: what a method needs from each step (see `jaxvlm.generate.hooks`).
     buckets: allowed padded prompt/chunk lengths (default: powers of two up to max_len).
     mrope: feed `[3, B, T]` positions (default: the LM config has an `mrope_section`).
+    positions: default text positions when a batch brings none. "mask" (default): count real tokens
+        (`cumsum(mask) - 1`, as HF's LLaVA / Qwen2 `generate`). "slots": the column index in the
+        caller's (left-padded) prompt, padding included, continuing one per generated token: what
+        Qwen-VL-Chat's original code uses for RoPE and logn. The engine's own bucket padding is not
+        counted, so a prompt decodes the same in any bucket.
+    Models whose LM config sets `rope_ntk_len` (Qwen-VL-Chat's dynamic NTK) get `ntk_seq_len` fixed
+    at each prefill/extend to that turn's largest position + 1 (`DecodeState.ntk_seq_len`) and kept
+    through the decode steps, as the original keeps the prefill's NTK alpha. With "slots" that is the
+    caller's unpadded prompt length (the original's `input_ids.shape[1]`).
+
+    Example (Qwen-VL-Chat, as the original decodes):
+        >>> engine = Engine(QwenVL(cfg), batch_size=1, max_len=512, positions="slots")
     """
 
     def __init__(self, model, *, batch_size: int, max_len: int, sampler: SamplerConfig = SamplerConfig(),
                  hooks: Hooks = Hooks(), buckets: Sequence[int] | None = None, mrope: bool | None = None,
-                 cache_dtype: Any = None):
+                 cache_dtype: Any = None, positions: str = "mask"):
+        if positions not in ("mask", "slots"):
+            raise ValueError(f"positions must be 'mask' or 'slots', got {positions!r}")
         self.model = model
         self.text_cfg = getattr(model.cfg, "text", model.cfg)
         self.batch_size, self.max_len = int(batch_size), int(max_len)
         self.sampler, self.hooks = sampler, hooks
         self.buckets = tuple(sorted(set(buckets or default_buckets(self.max_len))))
         self.mrope = (getattr(self.text_cfg, "mrope_section", None) is not None) if mrope is None else mrope
+        if positions == "slots" and self.mrope:
+            raise ValueError("positions='slots' is for 1-D rotary models (Qwen-VL-Chat); M-RoPE models take "
+                             "explicit `positions` (e.g. from qwen2_vl.rope_index)")
+        self.position_mode = positions
+        self.fixed_ntk = getattr(self.text_cfg, "rope_ntk_len", None) is not None
         self.cache_dtype = cache_dtype
         n_layers = self.text_cfg.num_layers
         for i in hooks.lens_layers:
@@ -98,7 +117,7 @@ class Engine:
         # Engines with the same model config and settings share compiled steps (a CLI run, or a method
         # that builds an engine per call, compiles once per process).
         key = (type(model), getattr(model, "cfg", id(model)), self.batch_size, self.max_len, sampler, hooks,
-               self.buckets, self.mrope, str(cache_dtype))
+               self.buckets, self.mrope, str(cache_dtype), positions)
         if key not in _COMPILED:
             _COMPILED[key] = (jax.jit(self._empty_impl), jax.jit(self._extend_impl), jax.jit(self._decode_impl),
                               jax.jit(self._rollback_impl))
@@ -128,6 +147,11 @@ class Engine:
         kv_mask = jax.lax.dynamic_update_slice(state.kv_mask, mask, (0, start))
         kw: dict[str, Any] = dict(attention_mask=kv_mask, positions=model_pos, cache=state.cache,
                                   cache_index=start, logits="last", **extra)
+        ntk = state.ntk_seq_len
+        if self.fixed_ntk:
+            if new_turn:
+                ntk = (jnp.max(jnp.where(mask > 0, pos, -1)) + 1).astype(jnp.int32)
+            kw["ntk_seq_len"] = ntk
         if pixel_values is not None:
             kw["pixel_values"] = pixel_values
         if hooks.lens_layers:
@@ -146,6 +170,7 @@ class Engine:
             length=start + t,
             next_pos=jnp.where(has_tok, last_pos + 1, state.next_pos),
             logits=out.logits[:, -1].astype(jnp.float32),
+            ntk_seq_len=ntk,
         )
         if hooks.lens_layers:
             h = out.hidden_states[jnp.asarray(hooks.lens_layers), :, -1]               # [n, B, D]
@@ -279,6 +304,15 @@ class Engine:
         active = np.arange(self.batch_size) < b
         return ids, mask, pos, active
 
+    def _slot_positions(self, input_ids, positions, state: DecodeState | None):
+        """positions='slots' without explicit positions: `[B, T]` caller columns, after the row's last
+        position (0 for a prefill), padding included."""
+        if positions is not None or self.position_mode != "slots" or np.ndim(input_ids) != 2:
+            return positions     # (a bad shape is reported by `_prepare_chunk`)
+        b, t = np.shape(input_ids)
+        start = np.zeros((b, 1), np.int32) if state is None else np.asarray(state.next_pos)[:b, None]
+        return (start + np.arange(t, dtype=np.int32)[None]).astype(np.int32)
+
     def prefill(self, params, batch: Mapping[str, Any], *, temperature: float | Sequence[float] = 0.0,
                 rng: Array | int | None = None, reserve: int = 0) -> DecodeState:
         """Encode a prompt batch into a fresh state whose `logits` predict the first answer token.
@@ -290,8 +324,9 @@ class Engine:
         reserve: slots to keep free for the answer (chooses a smaller bucket if needed).
         """
         batch = dict(batch)
+        positions = self._slot_positions(batch["input_ids"], batch.pop("positions", None), None)
         ids, mask, pos, active = self._prepare_chunk(batch.pop("input_ids"), batch.pop("attention_mask", None),
-                                                     batch.pop("positions", None), 0, reserve, "prompt")
+                                                     positions, 0, reserve, "prompt")
         pix = batch.pop("pixel_values", None)
         if isinstance(rng, int) or rng is None:
             rng = jax.random.key(0 if rng is None else rng)
@@ -302,6 +337,7 @@ class Engine:
                positions=None, reserve: int = 0, **model_kwargs) -> DecodeState:
         """Append `input_ids [B, T]` (left-padded within the chunk) after the current tokens, e.g. the
         next chat turn with its images, and start a new answer after them."""
+        positions = self._slot_positions(input_ids, positions, state)
         ids, mask, pos, _ = self._prepare_chunk(input_ids, attention_mask, positions, int(state.length), reserve,
                                                 "extend")
         pix = None if pixel_values is None else jnp.asarray(pixel_values)

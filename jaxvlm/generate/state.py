@@ -38,6 +38,9 @@ class DecodeState:
     image_slots:    `[B, S]` bool, slots holding image features (when the model reports them)
     prompt_attention: `[B, H, S]` float32 attention of the last token of the latest prefill/extend
                     chunk at `Hooks.attention_layer`, or None
+    ntk_seq_len:    scalar int32, the length that fixes QWen's dynamic-NTK alpha (models whose LM
+                    config has `rope_ntk_len`): set by each prefill/extend to the turn's text length
+                    (largest position + 1) and kept by the decode steps, as the original does
     """
 
     cache: tuple[Array, Array]
@@ -57,6 +60,7 @@ class DecodeState:
     layer_logits: Array | None = None
     tracked_probs: Array | None = None
     prompt_attention: Array | None = None
+    ntk_seq_len: Array | None = None
 
     @property
     def batch_size(self) -> int:
@@ -98,4 +102,5 @@ def empty_state(cache: tuple[Array, Array], vocab_size: int, *, n_lens: int = 0,
         layer_logits=jnp.zeros((n_lens, b, vocab_size), f32) if n_lens else None,
         tracked_probs=jnp.zeros((b, s, n_tracked), f32) if n_tracked else None,
         prompt_attention=jnp.zeros((b, num_heads, s), f32) if num_heads else None,
+        ntk_seq_len=jnp.zeros((), jnp.int32),
     )

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from jaxvlm.models.clip import CLIPVisionConfig
 from jaxvlm.models.llama import LMConfig
 from jaxvlm.models.llava import LlavaConfig
+from jaxvlm.models.qwen2_vl import Qwen2VLConfig, QwenVisionConfig
 
 # kind -> (dataclass, {field: kind of the nested config it holds})
 _KINDS: dict[str, tuple[type, dict[str, str]]] = {}
@@ -31,6 +32,8 @@ def register_config(kind: str, cls: type, nested: Mapping[str, str] | None = Non
 register_config("lm", LMConfig)
 register_config("clip_vision", CLIPVisionConfig)
 register_config("llava", LlavaConfig, {"text": "lm", "vision": "clip_vision"})
+register_config("qwen2_vl_vision", QwenVisionConfig)
+register_config("qwen2_vl", Qwen2VLConfig, {"text": "lm", "vision": "qwen2_vl_vision"})   # Qwen2-VL and 2.5-VL
 
 
 def _kind_of(cfg) -> str:

@@ -1,0 +1,59 @@
+"""Qwen-VL-Chat through the generation engine reproduces the original code's greedy decoding
+(../shared tiny_public fixture: 24 greedy ids and the per-step logits).
+
+The original positions tokens by slot (padding included) and keeps the prefill's NTK alpha while
+decoding: `Engine(..., positions="slots")` and the engine's fixed `ntk_seq_len` do the same. The
+prompt (300 tokens) is left-padded by the engine to a 320 bucket, which must not change anything.
+
+Tolerance: atol = rtol = 1e-4, as tests/test_qwen_vl.py (the original's own summation orders).
+"""
+import numpy as np
+import pytest
+
+from jaxvlm.conversion import qwen_vl as conv
+from jaxvlm.generate import Engine, SamplerConfig
+from jaxvlm.models.qwen_vl import QwenVL
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def public(shared_dir):
+    from safetensors.numpy import load_file
+    d = shared_dir / "fixtures" / "qwen_vl_chat" / "tiny_public"
+    cfg, params = conv.load_original(d, show_progress=False)
+    return dict(cfg=cfg, params=params, inp=load_file(d / "inputs.safetensors"),
+                exp=load_file(d / "expected.safetensors"))
+
+
+def test_engine_reproduces_original_greedy_decode(public):
+    cfg, params, inp, exp = public["cfg"], public["params"], public["inp"], public["exp"]
+    n_new = exp["greedy_ids"].shape[1]
+    t = inp["input_ids"].shape[1]
+    # batch_size 2: row 1 is an inactive filler row; bucket 320 pads the 300-token prompt by 20 slots
+    engine = Engine(QwenVL(cfg), batch_size=2, max_len=352, buckets=(320,), sampler=SamplerConfig(),
+                    positions="slots")
+    state = engine.prefill(params, dict(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"],
+                                        pixel_values=inp["pixel_values"]), reserve=n_new)
+    assert int(state.length) == 320 and int(state.ntk_seq_len) == t
+    logits = []
+    for _ in range(n_new):
+        logits.append(np.asarray(state.logits[0]))
+        state = engine.step(params, state)
+    toks, mask = state.generated()
+    assert mask[0].all() and int(state.ntk_seq_len) == t     # the prefill's alpha throughout
+    np.testing.assert_array_equal(toks[:1], exp["greedy_ids"])
+    np.testing.assert_allclose(np.stack(logits)[None], exp["decode_logits"], **TOL)
+    # the positions written are the original's (slot index in the unpadded prompt, then t, t+1, ...)
+    np.testing.assert_array_equal(np.asarray(state.positions[0, 20:320 + n_new]), np.arange(t + n_new))
+
+    # the compiled loop (`decode`) gives the same tokens as the host-stepped one
+    again = engine.decode(params, engine.prefill(params, dict(input_ids=inp["input_ids"],
+                                                              pixel_values=inp["pixel_values"]), reserve=n_new), n_new)
+    np.testing.assert_array_equal(again.generated()[0][:1], exp["greedy_ids"])
+
+
+def test_unknown_positions_mode_is_rejected(public):
+    cfg = public["cfg"]
+    with pytest.raises(ValueError, match="positions must be"):
+        Engine(QwenVL(cfg), batch_size=1, max_len=64, positions="cumsum")
