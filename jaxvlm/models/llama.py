@@ -146,7 +146,9 @@ class LMOutput:
 class DecoderBlock(nn.Module):
     """One pre-norm decoder layer; scanned over layers by `DecoderLM`.
 
-    carry: dict(h [B,T,D], i layer index, optional k/v full caches [L,B,S,K,Dh], optional attn buffer).
+    carry: dict(h [B,T,D], i layer index, optional attn buffer). The KV cache `[L,B,S,K,Dh]` comes in
+    read-only (broadcast); each layer emits only its T new keys/values, and `DecoderLM` writes them
+    into the cache with one update after the scan, so a decode step moves T slots, not the cache.
     """
 
     cfg: LMConfig
@@ -154,13 +156,13 @@ class DecoderBlock(nn.Module):
     output_hidden_states: bool = False
 
     @nn.compact
-    def __call__(self, carry: dict, cos, sin, mask, cache_index, q_scale=None):
+    def __call__(self, carry: dict, cos, sin, mask, cache_index, q_scale=None, cache=None):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         h, i = carry["h"], carry["i"]
         layer_cache = None
-        if "k" in carry:
-            layer_cache = (carry["k"][i], carry["v"][i])
+        if cache is not None:
+            layer_cache = (cache[0][i], cache[1][i])
         x = L.RMSNorm(cfg.rms_norm_eps, dtype=dt, param_dtype=pdt, name="input_layernorm")(h)
         attn_out, probs, new_cache = L.Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias,
@@ -172,15 +174,16 @@ class DecoderBlock(nn.Module):
                            name="mlp")(x)
         h = L.constrain(h, ("batch", "seq", "embed"))
         out = dict(carry, h=h, i=i + 1)
+        new_kv = None
         if new_cache is not None:
-            out["k"] = carry["k"].at[i].set(new_cache[0])
-            out["v"] = carry["v"].at[i].set(new_cache[1])
+            t = h.shape[1]
+            new_kv = tuple(jax.lax.dynamic_slice_in_dim(c, cache_index, t, axis=1) for c in new_cache)
         if self.attn_layers:
             buf = carry["attn"]
             for j, layer in enumerate(self.attn_layers):
                 buf = buf.at[j].set(jnp.where(i == layer, probs.astype(buf.dtype), buf[j]))
             out["attn"] = buf
-        return out, (h if self.output_hidden_states else None)
+        return out, (h if self.output_hidden_states else None, new_kv)
 
 
 class DecoderLM(nn.Module):
@@ -265,8 +268,6 @@ class DecoderLM(nn.Module):
             q_scale = L.logn_scale(positions, cfg.logn_attn_len)
 
         carry: dict[str, Any] = {"h": h, "i": jnp.zeros((), jnp.int32)}
-        if cache is not None:
-            carry["k"], carry["v"] = cache
         attn_layers = tuple(int(a) % cfg.num_layers for a in attn_layers)
         if attn_layers:
             s = mask.shape[-1]
@@ -277,11 +278,14 @@ class DecoderLM(nn.Module):
             block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         scanned = nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
+            in_axes=(nn.broadcast,) * 6, length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        carry, ys = scanned(cfg, attn_layers, output_hidden_states, name="layers")(
-            carry, cos, sin, mask, cache_index, q_scale)
+        carry, (ys, new_kv) = scanned(cfg, attn_layers, output_hidden_states, name="layers")(
+            carry, cos, sin, mask, cache_index, q_scale, cache)
+        if cache is not None:   # one in-place write of the new slots of every layer
+            at = (0, 0, cache_index, 0, 0)
+            cache = tuple(jax.lax.dynamic_update_slice(c, n.astype(c.dtype), at) for c, n in zip(cache, new_kv))
         last = carry["h"]
         final = self.norm(last)
         if logits == "all":
@@ -294,7 +298,7 @@ class DecoderLM(nn.Module):
         return LMOutput(
             logits=out_logits, final_hidden=final, hidden_states=hidden,
             attentions=carry.get("attn"),
-            cache=(carry["k"], carry["v"]) if cache is not None else None,
+            cache=cache,
         )
 
 
