@@ -77,7 +77,6 @@ def train_model(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | No
 
 def questions(world, split: str = "test") -> dict[str, tuple[list[dict], Any]]:
     """Question files (for `jaxvlm generate`) and annotations (for `jaxvlm eval`) per task."""
-    from PIL import Image
     recs = json.load(open(world.llava[split]))
     insts = json.load(open(world.instances[split]))
     images = {im["id"]: im for im in insts["images"]}
@@ -106,7 +105,6 @@ def questions(world, split: str = "test") -> dict[str, tuple[list[dict], Any]]:
                 reg_ann.append({"image_id": qid, "caption": a})
     pope = [json.loads(line) for line in open(world.pope[split]["adversarial"])]
     pope_q = [{"question_id": p["question_id"], "image": f"{split}/{p['image']}", "text": p["text"]} for p in pope]
-    del Image
     return {
         "caption": (caps, [world.instances[split], world.captions[split]]),
         "vqa": (vqa, vqa_ann),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxvlm.conversion.api import torch_state  # noqa: F401  (re-exported for the tests)
+
 
 def rel_err(ours, ref, mask=None) -> float:
     """max |ours - ref| / max |ref| over the (optionally masked) positions."""
@@ -10,17 +12,3 @@ def rel_err(ours, ref, mask=None) -> float:
     if mask is not None:
         a, b = a[mask], b[mask]
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def torch_state(model) -> dict:
-    """A torch module's state dict as fp32/bf16-preserving numpy arrays (bf16 via ml_dtypes)."""
-    import ml_dtypes
-    import torch
-    out = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().cpu()
-        if v.dtype == torch.bfloat16:
-            out[k] = v.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            out[k] = v.numpy()
-    return out

@@ -67,7 +67,10 @@ def test_decode_evaluate_and_pictures(trained):
     # the random captioner names absent shapes, so its CHAIR-i is high; ground-truth-like text has none
     assert base["chair_random_objects"]["CHAIRi"] > 0.3
     pngs = D.pictures(ckpt, world, tasks, preds, out)
-    assert all((out / p).is_file() or p.endswith(".png") for p in pngs)
+    assert len(pngs) == 3
+    for p in pngs:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", p
     table = D.format_table(metrics, base)
     assert "REC Acc@0.5" in table and "POPE adv. accuracy" in table
 

@@ -94,3 +94,8 @@ def test_bad_invocations(checkpoint, tmp_path):
     bad.write_text('{"question_id": 1, "image": "x.png"}\n')
     with pytest.raises(ValueError, match="neither 'text' nor 'prompt'"):
         main(["generate", "--checkpoint", str(checkpoint["ckpt"]), "--questions", str(bad)])
+    bad.write_text('{"question_id": 1, "text": "hi"}\n{"question_id": 2, "text": \n')
+    with pytest.raises(ValueError, match=r"q\.jsonl:2: malformed JSON line"):
+        main(["generate", "--checkpoint", str(checkpoint["ckpt"]), "--questions", str(bad)])
+    with pytest.raises(ValueError, match="questions file not found"):
+        main(["generate", "--checkpoint", str(checkpoint["ckpt"]), "--questions", str(tmp_path / "nope.jsonl")])

@@ -45,7 +45,8 @@ def lm_params_from_state(state: Mapping[str, np.ndarray], cfg: LMConfig, dtype=N
     return import_params(lm_rules(cfg), lambda k: np.asarray(state[k]), keys, expected, dtype)
 
 
-def _torch_state(model) -> dict[str, np.ndarray]:
+def torch_state(model) -> dict[str, np.ndarray]:
+    """A torch module's state dict as numpy arrays (bf16 kept, via ml_dtypes)."""
     import ml_dtypes
     import torch
     out = {}
@@ -58,10 +59,10 @@ def _torch_state(model) -> dict[str, np.ndarray]:
 def llava_from_torch(hf_model, dtype=None):
     """(config, module, params) from an instantiated transformers `LlavaForConditionalGeneration`."""
     cfg = LlavaConfig.from_hf(hf_model.config)
-    return cfg, Llava(cfg), llava_params_from_state(_torch_state(hf_model), cfg, dtype=dtype)
+    return cfg, Llava(cfg), llava_params_from_state(torch_state(hf_model), cfg, dtype=dtype)
 
 
 def lm_from_torch(hf_model, dtype=None):
     """(config, module, params) from a transformers `LlamaForCausalLM` / `Qwen2ForCausalLM`."""
     cfg = LMConfig.from_hf(hf_model.config)
-    return cfg, DecoderLM(cfg), lm_params_from_state(_torch_state(hf_model), cfg, dtype=dtype)
+    return cfg, DecoderLM(cfg), lm_params_from_state(torch_state(hf_model), cfg, dtype=dtype)

@@ -15,7 +15,7 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from jaxvlm.conversion import layouts
-from jaxvlm.conversion.api import _torch_state
+from jaxvlm.conversion.api import torch_state
 from jaxvlm.conversion.table import (Rule, conv_as_matmul, export_params, import_params, linear_rules, lm_rules,
                                      norm_rules)
 from jaxvlm.models.params import abstract_params
@@ -137,7 +137,7 @@ def qwen2_vl_from_torch(hf_model, dtype=None):
     """(config, module, params) from a transformers `Qwen2VLForConditionalGeneration` /
     `Qwen2_5_VLForConditionalGeneration`."""
     cfg = Qwen2VLConfig.from_hf(hf_model.config)
-    return cfg, Qwen2VL(cfg), qwen2_vl_params_from_state(_torch_state(hf_model), cfg, dtype=dtype)
+    return cfg, Qwen2VL(cfg), qwen2_vl_params_from_state(torch_state(hf_model), cfg, dtype=dtype)
 
 
 __all__ = ["QWEN2_VL_LAYOUTS", "detect_layout", "vision_rules", "qwen2_vl_rules", "qwen2_vl_params_from_state",

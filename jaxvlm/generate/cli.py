@@ -95,18 +95,13 @@ def load_model(ckpt: str, dtype: str | None = None):
 
 
 def read_questions(path: str) -> list[dict]:
+    """Question records; a missing file, a malformed line or a record without text names the line."""
+    from jaxvlm.eval.io import read_jsonl
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-            if "text" not in rec and "prompt" not in rec:
-                raise ValueError(f"{path}:{n}: record has neither 'text' nor 'prompt'")
-            out.append(rec)
+    for n, rec in read_jsonl(path, "questions"):
+        if "text" not in rec and "prompt" not in rec:
+            raise ValueError(f"{path}:{n}: record has neither 'text' nor 'prompt'")
+        out.append(rec)
     return out
 
 

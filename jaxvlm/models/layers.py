@@ -180,7 +180,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
 
     Variants (`scaling["rope_type"]`): `default`, `linear`, `llama3` (Llama-3.1 wavelength-
     dependent scaling), `dynamic` (NTK: the base is rescaled at run time from the sequence
-    length, see `dynamic_ntk_inv_freq`; here the unscaled frequencies are returned).
+    length, see `qwen_ntk_inv_freq`; here the unscaled frequencies are returned).
     """
     dim = rotary_dim or head_dim
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
@@ -202,14 +202,6 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
     raise ValueError(f"unsupported rope_type {kind!r} (known: default, linear, llama3, dynamic, mrope)")
-
-
-def dynamic_ntk_inv_freq(head_dim: int, theta: float, seq_len: Array, max_pos: int, factor: float) -> Array:
-    """HF dynamic-NTK rope: base grows with the sequence length beyond `max_pos` (jittable)."""
-    seq = jnp.maximum(seq_len.astype(jnp.float32), float(max_pos))
-    base = theta * ((factor * seq / max_pos) - (factor - 1)) ** (head_dim / (head_dim - 2))
-    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    return 1.0 / (base ** exponent)
 
 
 def qwen_ntk_inv_freq(rotary_dim: int, theta: float, seq_len: Array | int, ntk_len: int) -> Array:
@@ -312,11 +304,6 @@ def causal_mask(q_slots: Array, kv_valid: Array) -> Array:
     s = jnp.arange(kv_valid.shape[1])
     q = q_slots if q_slots.ndim == 2 else q_slots[None]
     return (s[None, None, :] <= q[:, :, None])[:, None] & kv_valid[:, None, None, :].astype(bool)
-
-
-def full_mask(kv_valid: Array) -> Array:
-    """Bidirectional attention over valid keys: `[B, 1, 1, S]`."""
-    return kv_valid[:, None, None, :].astype(bool)
 
 
 class Attention(nn.Module):
