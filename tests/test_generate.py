@@ -224,6 +224,12 @@ def test_clear_errors(llava, engine):
                                     attention_mask=np.array([[1] * 8, [1] * 7 + [0]])))
     with pytest.raises(ValueError, match="do not fit the decode cache"):
         engine.generate(params, batch_of(d), max_new_tokens=180)
+    # The model's image-token check is skipped under jit; the engine runs it before compiling.
+    b = batch_of(d)
+    with pytest.raises(ValueError, match="image tokens do not match images"):
+        engine.prefill(params, dict(b, pixel_values=b["pixel_values"][:1]))
+    with pytest.raises(ValueError, match="image tokens do not match images"):
+        engine.prefill(params, dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"]))
     state = engine.prefill(params, batch_of(d))
     with pytest.raises(ValueError, match="rollback length"):
         engine.rollback(params, state, int(state.length) + 1)

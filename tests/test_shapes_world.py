@@ -129,6 +129,27 @@ def test_referring_expressions_pick_exactly_their_object(world):
     assert pickle.loads(world.refs_pickle.read_bytes()) == refs
 
 
+def test_spatial_words_mean_what_they_say():
+    """Checked against raw geometry, not against the resolver (which shares the generator's logic)."""
+    from jaxvlm.data.shapes_world import referring_expression
+
+    def star(i, x, y):
+        return ObjectInfo(ann_id=i, category="star", colour="red", size="small", bbox=(x, y, 10, 10))
+
+    size = 100
+    # Three identical stars: left/top one at (5, 5), one in the middle, right/bottom one at (80, 80).
+    objs = (star(1, 5, 5), star(2, 45, 45), star(3, 80, 80))
+    assert referring_expression(objs[0], objs, size) in ("the leftmost red star", "the leftmost star",
+                                                         "the topmost star", "the topmost red star")
+    assert referring_expression(objs[2], objs, size).split()[1] in ("rightmost", "bottommost")
+    for expr, want in [("the leftmost star", 1), ("the rightmost star", 3), ("the topmost star", 1),
+                       ("the bottommost star", 3)]:
+        assert [o.ann_id for o in resolve_referring_expression(expr, objs, size)] == [want], expr
+    two = (star(1, 70, 40), star(2, 10, 40))
+    assert referring_expression(two[1], two, size) == "the star on the left"
+    assert [o.ann_id for o in resolve_referring_expression("the star on the right", two, size)] == [1]
+
+
 def _caption_groups(caption: str) -> Counter:
     """(colour, category) -> count as stated in a caption."""
     words = "|".join(["a", "an"] + list(vocab.NUMBER_WORDS))

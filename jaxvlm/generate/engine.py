@@ -330,6 +330,7 @@ class Engine:
         pix = batch.pop("pixel_values", None)
         if isinstance(rng, int) or rng is None:
             rng = jax.random.key(0 if rng is None else rng)
+        self._check_inputs(ids, pix, batch)
         state = self._empty(jnp.asarray(active), self._temperature(temperature), rng)
         return self._extend(params, state, ids, mask, None if pix is None else jnp.asarray(pix), pos, batch)
 
@@ -340,8 +341,15 @@ class Engine:
         positions = self._slot_positions(input_ids, positions, state)
         ids, mask, pos, _ = self._prepare_chunk(input_ids, attention_mask, positions, int(state.length), reserve,
                                                 "extend")
+        self._check_inputs(ids, pixel_values, model_kwargs)
         pix = None if pixel_values is None else jnp.asarray(pixel_values)
         return self._extend(params, state, ids, mask, pix, pos, model_kwargs)
+
+    def _check_inputs(self, ids, pixel_values, model_kwargs) -> None:
+        # The models' own checks are skipped under jit, so run them here on the concrete chunk.
+        check = getattr(self.model, "check_inputs", None)
+        if check is not None:
+            check(ids, pixel_values, **model_kwargs)
 
     def step(self, params, state: DecodeState) -> DecodeState:
         """Choose one token per row and run it (the compiled `decode` loop run for one step; a

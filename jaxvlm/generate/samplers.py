@@ -134,7 +134,12 @@ def warp_logits(cfg: SamplerConfig, scores: Array, temperature: Array) -> Array:
 def select(cfg: SamplerConfig, scores: Array, temperature: Array, keys: Array) -> Array:
     """Next token per row: argmax where `temperature == 0`, else a draw from the warped scores.
     scores: processed logits `[B, V]`; keys: one PRNG key per row `[B]`."""
-    greedy = jnp.argmax(scores, axis=-1)
-    warped = warp_logits(cfg, scores, temperature)
-    drawn = jax.vmap(jax.random.categorical)(keys, warped)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    greedy = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        warped = warp_logits(cfg, scores, temperature)
+        drawn = jax.vmap(jax.random.categorical)(keys, warped).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # Greedy batches skip the warpers and the [B, V] Gumbel draw (a few ms per step on CPU).
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)

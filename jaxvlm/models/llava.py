@@ -140,6 +140,11 @@ class Llava(nn.Module):
     def embed(self, input_ids: Array) -> Array:
         return self.language_model.embed(jnp.clip(input_ids, 0, self.cfg.text.vocab_size - 1))
 
+    def check_inputs(self, input_ids, pixel_values=None, **_) -> None:
+        """Host-side input checks on concrete arrays; call before `jax.jit` (the Engine does)."""
+        n_images = 0 if pixel_values is None else int(np.shape(pixel_values)[0])
+        check_image_tokens(input_ids, n_images, self.cfg.tokens_per_image, self.cfg.image_token_id)
+
     def __call__(self, input_ids: Array, pixel_values: Array | None = None, *,
                  attention_mask: Array | None = None, positions: Array | None = None,
                  cache: tuple[Array, Array] | None = None, cache_index: Array | int | None = None,

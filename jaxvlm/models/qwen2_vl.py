@@ -528,6 +528,12 @@ class Qwen2VL(nn.Module):
         n_img = 0 if pixel_values is None else pixel_values.shape[0] // vcfg.merge_unit
         return self.visual(pix, layout, output_hidden_states), n_img
 
+    def check_inputs(self, input_ids, pixel_values=None, image_grid_thw=None, *, pixel_values_videos=None,
+                     video_grid_thw=None, mm_token_type_ids=None, **_) -> None:
+        """Host-side input checks on concrete arrays; call before `jax.jit` (the Engine does)."""
+        check_inputs(self.cfg, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                     mm_token_type_ids)
+
     def __call__(self, input_ids: Array, pixel_values: Array | None = None, image_grid_thw: Array | None = None,
                  *, pixel_values_videos: Array | None = None, video_grid_thw: Array | None = None,
                  second_per_grid_ts: Array | None = None, mm_token_type_ids: Array | None = None,

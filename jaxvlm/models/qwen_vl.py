@@ -385,6 +385,10 @@ class QwenVL(nn.Module):
     def logit_lens(self, hidden: Array, apply_norm: bool = True) -> Array:
         return self.language_model.logit_lens(hidden, apply_norm)
 
+    def check_inputs(self, input_ids, pixel_values=None, **_) -> None:
+        """Host-side input checks on concrete arrays; call before `jax.jit` (the Engine does)."""
+        check_image_spans(input_ids, 0 if pixel_values is None else int(np.shape(pixel_values)[0]), self.cfg)
+
     def __call__(self, input_ids: Array, pixel_values: Array | None = None, *,
                  attention_mask: Array | None = None, positions: Array | None = None,
                  cache: tuple[Array, Array] | None = None, cache_index: Array | int | None = None,

@@ -65,8 +65,9 @@ def _same(obj: ObjectInfo, target: ObjectInfo, attrs: Sequence[str]) -> bool:
 def _is_clear_extreme(target: ObjectInfo, group: Sequence[ObjectInfo], direction: str,
                       margin: float) -> bool:
     key, sign = DIRECTIONS[direction]
+    # sign * value grows toward the direction: "leftmost" has the largest -cx.
     tv = sign * getattr(target, key)
-    return all(sign * getattr(o, key) - tv >= margin for o in group if o.ann_id != target.ann_id)
+    return all(tv - sign * getattr(o, key) >= margin for o in group if o.ann_id != target.ann_id)
 
 
 def referring_expression(target: ObjectInfo, objects: Sequence[ObjectInfo], image_size: int, *,
@@ -111,9 +112,9 @@ def resolve_referring_expression(expr: str, objects: Sequence[ObjectInfo],
         direction = next(d for d in DIRECTIONS
                          if word in (EXTREME_WORDS[d], LOCATION_PHRASES[d]))
         key, sign = DIRECTIONS[direction]
-        best = min(sign * getattr(o, key) for o in group)
+        best = max(sign * getattr(o, key) for o in group)
         group = [o for o in group
-                 if sign * getattr(o, key) - best < SPATIAL_MARGIN * image_size]
+                 if best - sign * getattr(o, key) < SPATIAL_MARGIN * image_size]
     return group
 
 
