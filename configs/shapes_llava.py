@@ -22,8 +22,8 @@ def get_config():
                     patch_size=16),
         image_token_id=IMAGE_TOKEN_ID)
     cfg.data.update(kind="pipeline", template="vicuna_v1", batch_size=16, seq_len=208, images_per_sample=1, seed=0)
-    cfg.optim.update(default_lr=1e-3, schedule="warmup_cosine", warmup_steps=100, weight_decay=0.01,
+    cfg.optim.update(default_lr=3e-4, schedule="warmup_cosine", warmup_steps=50, weight_decay=0.01,
                      clip_norm=1.0, end_lr_ratio=0.05)
-    cfg.train.update(steps=2500, log_every=25, workdir="out/demo/train")
+    cfg.train.update(steps=800, log_every=25, workdir="out/demo/train")
     cfg.checkpoint.update(every=500, keep=1)
     return cfg

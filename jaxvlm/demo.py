@@ -8,7 +8,7 @@
 5. write PNGs: predicted boxes, attention over the image, a logit-lens heatmap.
 
     jaxvlm demo --out out/demo              # uses the shipped checkpoint
-    jaxvlm demo --out out/demo --train      # retrains it from scratch (~25 min here)
+    jaxvlm demo --out out/demo --train      # retrains it from scratch (~17 min here)
 """
 from __future__ import annotations
 
@@ -232,6 +232,7 @@ def pictures(ckpt: pathlib.Path, world, tasks: dict, preds: dict, out: pathlib.P
     parsed = parse_box(pred.get(q["question_id"], ""), "llava")
     if parsed is not None:
         x1, y1, x2, y2 = parsed[1]
+        (x1, x2), (y1, y2) = sorted((x1, x2)), sorted((y1, y2))   # a weak model may swap corners
         draw.rectangle([x1 * img.width, y1 * img.height, x2 * img.width, y2 * img.height], outline=(255, 0, 0), width=2)
     path = out / "rec_boxes.png"
     img.resize((img.width * 3, img.height * 3), Image.NEAREST).save(path)

@@ -270,30 +270,53 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def dot_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float | None = None,
-                  return_probs: bool = False, impl: str = "xla") -> tuple[Array, Array | None]:
+                  return_probs: bool = False, impl: str = "xla", causal_blocks: int = 1
+                  ) -> tuple[Array, Array | None]:
     """Grouped-query scaled dot-product attention, the one attention of the library.
 
-    q: `[B, T, H, D]`, k/v: `[B, S, K, D]` with H a multiple of K; mask: bool, broadcastable to
-    `[B, 1, T, S]` (True = attend). Softmax in fp32. Returns `([B, T, H, D], probs [B, H, T, S] | None)`.
+    q: `[B, T, H, D]`, k/v: `[B, S, K, D]` with H a multiple of K; mask broadcastable to
+    `[B, 1, T, S]`: bool (True = attend) or an additive fp32 bias from `mask_bias` (what the decoder
+    passes: built once per forward, not once per layer). Softmax in fp32. Returns
+    `([B, T, H, D], probs [B, H, T, S] | None)`.
     `impl="cudnn"`/`"auto"` uses `jax.nn.dot_product_attention` (fused kernels on GPU) when no
     probabilities are requested.
+    causal_blocks: > 1 promises that `mask` is causal over aligned slots (query t sees keys <= t,
+    T == S): queries are split into that many blocks and each skips the keys after its last query,
+    about half the score/softmax work at long T (ignored when probabilities are requested).
     """
     b, t, h, d = q.shape
+    if causal_blocks > 1 and not return_probs and t == k.shape[1] and t % causal_blocks == 0:
+        c = t // causal_blocks
+        full = None if mask is None else jnp.broadcast_to(mask, (mask.shape[0], 1, t, t))
+        outs = [dot_attention(q[:, i * c:(i + 1) * c], k[:, :(i + 1) * c], v[:, :(i + 1) * c],
+                              None if full is None else full[:, :, i * c:(i + 1) * c, :(i + 1) * c],
+                              scale=scale, impl=impl)[0] for i in range(causal_blocks)]
+        return jnp.concatenate(outs, axis=1), None
     kvh = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
+    is_bias = mask is not None and mask.dtype != jnp.bool_
     if impl != "xla" and not return_probs:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+        out = jax.nn.dot_product_attention(q, k, v, bias=mask if is_bias else None,
+                                           mask=None if is_bias else mask, scale=scale,
                                            implementation=None if impl == "auto" else impl)
         return out, None
     g = h // kvh
     qg = q.reshape(b, t, kvh, g, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
-        m = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))[:, :, None]  # [B,1,1,T,S]
-        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+        # An add fuses into the softmax; a select on a broadcast bool mask runs as its own slow
+        # loop on CPU (about half the attention time at T=1024).
+        bias = mask if is_bias else mask_bias(mask)
+        logits = logits + jnp.broadcast_to(bias, (b, 1, t, k.shape[1]))[:, :, None]  # [B,1,1,T,S]
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v).reshape(b, t, h, d)
     return out, (probs.reshape(b, h, t, -1) if return_probs else None)
+
+
+def mask_bias(mask: Array) -> Array:
+    """Bool attention mask (True = attend) -> additive fp32 bias: 0 where attended, the most negative
+    float elsewhere (so a fully masked row softmaxes to uniform, as a select would give)."""
+    return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
 def causal_mask(q_slots: Array, kv_valid: Array) -> Array:
@@ -331,7 +354,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, cos: Array | None, sin: Array | None, mask: Array | None,
                  cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
-                 return_probs: bool = False, q_scale: Array | None = None):
+                 return_probs: bool = False, q_scale: Array | None = None, causal_blocks: int = 1):
         b, t, _ = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         hd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -353,7 +376,8 @@ class Attention(nn.Module):
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
             new_cache = (ck, cv)
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
-        out, probs = dot_attention(q, k, v, mask, scale=self.scale, return_probs=return_probs, impl=self.impl)
+        out, probs = dot_attention(q, k, v, mask, scale=self.scale, return_probs=return_probs, impl=self.impl,
+                                   causal_blocks=causal_blocks)
         out = out.reshape(b, t, hd)
         out = Linear(x.shape[-1], (self.heads_axis, self.embed_axis), self.out_bias, name=self.names[3], **kw)(out)
         return out, probs, new_cache

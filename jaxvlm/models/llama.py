@@ -143,6 +143,15 @@ class LMOutput:
     cache: tuple[Array, Array] | None = None
 
 
+def causal_query_blocks(t: int, block: int = 256, most: int = 8) -> int:
+    """How many causal query blocks a cacheless forward of length `t` uses: about `block` queries
+    each, at most `most`, dividing `t` (1 = one full attention, short sequences)."""
+    n = min(most, t // block)
+    while n > 1 and t % n:
+        n -= 1
+    return max(n, 1)
+
+
 class DecoderBlock(nn.Module):
     """One pre-norm decoder layer; scanned over layers by `DecoderLM`.
 
@@ -154,6 +163,7 @@ class DecoderBlock(nn.Module):
     cfg: LMConfig
     attn_layers: tuple[int, ...] = ()
     output_hidden_states: bool = False
+    causal_blocks: int = 1       # see `layers.dot_attention`; > 1 only for cacheless forwards
 
     @nn.compact
     def __call__(self, carry: dict, cos, sin, mask, cache_index, q_scale=None, cache=None):
@@ -167,7 +177,8 @@ class DecoderBlock(nn.Module):
         attn_out, probs, new_cache = L.Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias,
             impl=cfg.attn_impl, dtype=dt, param_dtype=pdt, name="self_attn",
-        )(x, cos, sin, mask, layer_cache, cache_index, return_probs=bool(self.attn_layers), q_scale=q_scale)
+        )(x, cos, sin, mask, layer_cache, cache_index, return_probs=bool(self.attn_layers), q_scale=q_scale,
+          causal_blocks=self.causal_blocks)
         h = h + attn_out
         x = L.RMSNorm(cfg.rms_norm_eps, dtype=dt, param_dtype=pdt, name="post_attention_layernorm")(h)
         h = h + L.GatedMLP(cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, dtype=dt, param_dtype=pdt,
@@ -267,6 +278,7 @@ class DecoderLM(nn.Module):
         if not train and cfg.logn_attn_len is not None:
             q_scale = L.logn_scale(positions, cfg.logn_attn_len)
 
+        bias = L.mask_bias(mask)     # once here, not once per layer inside the scan
         carry: dict[str, Any] = {"h": h, "i": jnp.zeros((), jnp.int32)}
         attn_layers = tuple(int(a) % cfg.num_layers for a in attn_layers)
         if attn_layers:
@@ -281,8 +293,9 @@ class DecoderLM(nn.Module):
             in_axes=(nn.broadcast,) * 6, length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        carry, (ys, new_kv) = scanned(cfg, attn_layers, output_hidden_states, name="layers")(
-            carry, cos, sin, mask, cache_index, q_scale, cache)
+        blocks = causal_query_blocks(t) if cache is None else 1
+        carry, (ys, new_kv) = scanned(cfg, attn_layers, output_hidden_states, blocks, name="layers")(
+            carry, cos, sin, bias, cache_index, q_scale, cache)
         if cache is not None:   # one in-place write of the new slots of every layer
             at = (0, 0, cache_index, 0, 0)
             cache = tuple(jax.lax.dynamic_update_slice(c, n.astype(c.dtype), at) for c, n in zip(cache, new_kv))
