@@ -54,6 +54,7 @@ def main():
         torch.set_num_threads(args.threads)
     hf = hf_model(transformers, torch)
     cfg, model, params = qwen2_vl_from_torch(hf)
+    params = jax.device_put(params)        # resident weights, as torch's are (not re-sent every call)
     rng = np.random.default_rng(0)
     grid = np.array([[1, 32, 32]])                                   # 448 x 448 px
     pix = rng.standard_normal((1024, 1176)).astype(np.float32)

@@ -301,8 +301,9 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: fl
                                            implementation=None if impl == "auto" else impl)
         return out, None
     g = h // kvh
-    qg = q.reshape(b, t, kvh, g, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    # Scaling q ([T, D]) rather than the scores ([T, S]) also spares XLA a transposing copy of the scores.
+    qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kvh, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     if mask is not None:
         # An add fuses into the softmax; a select on a broadcast bool mask runs as its own slow
         # loop on CPU (about half the attention time at T=1024).

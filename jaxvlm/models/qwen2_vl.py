@@ -359,7 +359,8 @@ class QwenVisionTower(nn.Module):
         pos = jnp.stack([layout.hpos, layout.wpos])[:, None]                      # [2, 1, N]
         cos, sin = L.rope_cos_sin(pos, np.concatenate([inv, inv]), 1.0, (len(inv), len(inv)))
         same = lambda ids: (ids[:, None] == ids[None, :])[None, None]              # [1, 1, N, N]
-        frame_mask, window_mask = same(layout.frame), same(layout.window)
+        # Additive biases built once, outside the layer scan (see `layers.dot_attention`).
+        frame_mask, window_mask = L.mask_bias(same(layout.frame)), L.mask_bias(same(layout.window))
         block = VisionBlock
         if REMAT_POLICIES[cfg.remat] is not None:
             block = nn.remat(VisionBlock, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
