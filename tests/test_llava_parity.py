@@ -146,3 +146,29 @@ def test_image_token_count_mismatch_is_a_clear_error(torch_mods):
         model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pix[:2]), attention_mask=jnp.asarray(mask))
     with pytest.raises(ValueError, match="image_size=32"):
         model.apply({"params": params}, jnp.asarray(ids), jnp.zeros((3, 3, 48, 48)), attention_mask=jnp.asarray(mask))
+
+
+def test_causal_query_blocks_and_mask_bias_match_one_full_attention():
+    """The cacheless fast path (query blocks that skip future keys, additive mask bias) gives the
+    plain masked softmax attention on every query row that sees at least one key."""
+    from jaxvlm.models import layers as L
+    from jaxvlm.models.llama import causal_query_blocks
+
+    assert [causal_query_blocks(t) for t in (100, 256, 512, 1024, 771, 4096)] == [1, 2, 4, 8, 3, 8]
+    b, t, h, kvh, d = 2, 96, 4, 2, 8
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (b, t, h, d))
+    k = jax.random.normal(ks[1], (b, t, kvh, d))
+    v = jax.random.normal(ks[2], (b, t, kvh, d))
+    valid = jnp.arange(t)[None] >= jnp.array([[0], [17]])          # row 1 left-padded by 17
+    mask = L.causal_mask(jnp.arange(t), valid)
+    # reference: explicit select + softmax, no blocks
+    qg = q.reshape(b, t, kvh, h // kvh, d) * d ** -0.5
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k)
+    logits = jnp.where(mask[:, :, None], logits, -jnp.inf)
+    ref = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(logits, -1), v).reshape(b, t, h, d)
+    seen = np.asarray(valid)                                        # rows with at least one key
+    for blocks in (1, 4, 6):
+        for m in (mask, L.mask_bias(mask)):
+            out, _ = L.dot_attention(q, k, v, m, causal_blocks=blocks)
+            assert rel_err(np.asarray(out)[seen], np.asarray(ref)[seen]) < 1e-6, blocks
