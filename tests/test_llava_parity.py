@@ -172,3 +172,7 @@ def test_causal_query_blocks_and_mask_bias_match_one_full_attention():
         for m in (mask, L.mask_bias(mask)):
             out, _ = L.dot_attention(q, k, v, m, causal_blocks=blocks)
             assert rel_err(np.asarray(out)[seen], np.asarray(ref)[seen]) < 1e-6, blocks
+    # No mask means bidirectional: blocks must not drop future keys then.
+    full_ref = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(jnp.einsum("btkgd,bskd->bkgts", qg, k), -1),
+                          v).reshape(b, t, h, d)
+    assert rel_err(L.dot_attention(q, k, v, None, causal_blocks=4)[0], full_ref) < 1e-6

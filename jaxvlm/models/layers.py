@@ -282,15 +282,18 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: fl
     probabilities are requested.
     causal_blocks: > 1 promises that `mask` is causal over aligned slots (query t sees keys <= t,
     T == S): queries are split into that many blocks and each skips the keys after its last query,
-    about half the score/softmax work at long T (ignored when probabilities are requested).
+    about half the score/softmax work at long T (ignored when probabilities are requested or there
+    is no mask). Query rows that see no key at all (left padding) get a different but equally
+    meaningless output than without blocks.
     """
     b, t, h, d = q.shape
-    if causal_blocks > 1 and not return_probs and t == k.shape[1] and t % causal_blocks == 0:
+    if (causal_blocks > 1 and mask is not None and not return_probs and t == k.shape[1]
+            and t % causal_blocks == 0):
         c = t // causal_blocks
-        full = None if mask is None else jnp.broadcast_to(mask, (mask.shape[0], 1, t, t))
+        full = jnp.broadcast_to(mask, (mask.shape[0], 1, t, t))
         outs = [dot_attention(q[:, i * c:(i + 1) * c], k[:, :(i + 1) * c], v[:, :(i + 1) * c],
-                              None if full is None else full[:, :, i * c:(i + 1) * c, :(i + 1) * c],
-                              scale=scale, impl=impl)[0] for i in range(causal_blocks)]
+                              full[:, :, i * c:(i + 1) * c, :(i + 1) * c], scale=scale, impl=impl)[0]
+                for i in range(causal_blocks)]
         return jnp.concatenate(outs, axis=1), None
     kvh = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
