@@ -9,7 +9,7 @@ Llama LM) learning the synthetic shapes world from scratch on a 2-core CPU.
 """
 from jaxvlm.train.config import train_defaults
 
-VOCAB = 768            # jaxvlm.data.shapes_tokenizer default vocab size
+VOCAB = 1024           # jaxvlm.data.shapes_tokenizer default vocab size
 IMAGE_TOKEN_ID = 4     # "<image>" in the shapes tokenizer (checked by the demo)
 
 

@@ -85,6 +85,8 @@ def questions(world, split: str = "test") -> dict[str, tuple[list[dict], Any]]:
     for r in recs:
         image = r["image"]
         imid = file_to_id[image]
+        if r["id"].endswith("_exist"):   # POPE-format questions: scored by POPE, not VQA
+            continue
         turns = r["conversations"]
         for k in range(0, len(turns), 2):
             q = turns[k]["value"].replace("<image>", "").strip()

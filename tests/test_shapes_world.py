@@ -199,7 +199,28 @@ def test_llava_answers_match_the_scene(world):
             for q, a in zip(conv[0::2], conv[1::2]):
                 _check_turn(q["value"].removeprefix("<image>\n").split("\n")[0], a["value"],
                             objs, seen)
-    assert {"rec", "reg", "count", "existence"} <= set(seen), seen
+    assert {"rec", "reg", "count", "existence", "pope_existence"} <= set(seen), seen
+
+
+def test_existence_records_are_balanced_pope_questions(world):
+    """The training split's POPE-format records: as many "no" as "yes", every label exact, and
+    negatives that include theme mates (the adversarial kind the evaluation asks about)."""
+    objects = _objects(world)
+    answers, mates = Counter(), 0
+    for rec in _load(world.llava["train"]):
+        if not rec["id"].endswith("_exist"):
+            continue
+        present = {o.category for o in objects[int(rec["id"].split("_")[0])]}
+        labels = Counter()
+        for q, a in zip(rec["conversations"][0::2], rec["conversations"][1::2]):
+            m = re.fullmatch(r"Is there an? (\w+) in the image\?", q["value"].removeprefix("<image>\n"))
+            assert m is not None, q["value"]
+            assert a["value"] == ("yes" if m[1] in present else "no")
+            labels[a["value"]] += 1
+            mates += a["value"] == "no" and m[1] in shapes_world.tasks.theme_mates(sorted(present))
+        assert labels["yes"] == labels["no"] >= 1, labels
+        answers.update(labels)
+    assert answers["yes"] > 0 and mates > 0, (answers, mates)
 
 
 def _check_turn(q: str, a: str, objs, seen: Counter) -> None:
@@ -222,6 +243,9 @@ def _check_turn(q: str, a: str, objs, seen: Counter) -> None:
         assert a == ("yes" if any((o.colour, o.category) == (m[1], m[2]) for o in objs)
                      else "no")
         seen["existence"] += 1
+    elif m := re.fullmatch(r"Is there an? (\w+) in the image\?", q):
+        assert a == ("yes" if any(o.category == m[1] for o in objs) else "no")
+        seen["pope_existence"] += 1
     elif m := re.fullmatch(r"What colour is (.+)\?", q):
         (hit,) = resolve_referring_expression(m[1], objs, SIZE)
         assert a == hit.colour
@@ -320,8 +344,14 @@ def test_tokenizer_round_trips_and_specials(world, tmp_path):
         ids = loaded(text, add_special_tokens=False)["input_ids"]
         assert unk not in ids
         assert loaded.decode(ids) == text
-    # Coordinates: one token per digit, so all 101 two-decimal values share the same pieces.
-    assert loaded.tokenize("0.12") == ["0", ".", "1", "2"]
+    # Box coordinates are one token each (with or without the leading space); other digits are
+    # split one per token.
+    assert loaded.tokenize("[0.12, 0.34, 0.56, 1.00]") == \
+        ["[", "0.12", ",", "\u01200.34", ",", "\u01200.56", ",", "\u01201.00", "]"]
+    for k in range(101):
+        for text in (f"{k / 100:.2f}", f" {k / 100:.2f}"):
+            assert len(loaded.tokenize(text)) == 1, text
+    assert loaded.tokenize("12") == ["1", "2"] and loaded.tokenize("0.125") == ["0", ".", "1", "2", "5"]
 
 
 # -------------------------------------------------------------------------------------- caching

@@ -7,9 +7,8 @@ with zero rows. The per-patch layout (which image / frame / window a patch belon
 position) and the M-RoPE index are computed on device from the grids, so one compiled function
 serves any image layout with the same padded shapes. HF's `cu_seqlens` (attention restricted to
 one frame of one image) becomes a segment-id mask; Qwen2.5-VL's window attention is the same
-mask with window ids, so the window reordering HF does is never needed inside the model (an
-attention restricted to a set of tokens is invariant to their order; `window_order` reproduces
-HF's permutation for comparison and for kernels that want contiguous windows).
+mask with window ids. The tower reorders patches by window as HF does (`window_order`) so that
+window attention runs in blocks instead of over a dense N x N mask, and undoes the order after.
 
 Example:
     >>> cfg = Qwen2VLConfig.from_hf(hf_config)                    # Qwen2-VL or Qwen2.5-VL
@@ -274,15 +273,18 @@ VISION_AXES = dict(embed_axis="vision_embed", mlp_axis="vision_mlp")
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional attention with fused `qkv` (HF's layout) and 2-D rotary; masks restrict it to a
-    frame or a window."""
+    """Bidirectional attention with fused `qkv` (HF's layout) and 2-D rotary, restricted to a frame
+    (dense, with the frame bias) or, when `window_ids` are given and `full` is false, to a window
+    (blocked: patches arrive window-ordered, see `segment_block_attention`)."""
 
     num_heads: int
+    window_block: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, frame_bias: Array, window_ids: Array | None = None,
+                 full: Array | bool = True) -> Array:
         b, n, d = x.shape
         kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
         # The fused output axis holds [q | k | v]; it carries the heads name so tensor sharding
@@ -291,24 +293,29 @@ class VisionAttention(nn.Module):
         q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
         q, k = L.apply_rotary(q, cos, sin), L.apply_rotary(k, cos, sin)
-        out, _ = L.dot_attention(q, k, v, mask)
+        dense = lambda q, k, v: L.dot_attention(q, k, v, frame_bias)[0]
+        if window_ids is None:
+            out = dense(q, k, v)
+        else:
+            windowed = lambda q, k, v: L.segment_block_attention(q, k, v, window_ids, self.window_block)
+            out = jax.lax.cond(full, dense, windowed, q, k, v)
         return L.Linear(d, ("vision_heads", "vision_embed"), name="proj", **kw)(out.reshape(b, n, d))
 
 
 class VisionBlock(nn.Module):
-    """Pre-norm ViT block; scanned. `full` (per-layer, scanned) picks the frame or window mask."""
+    """Pre-norm ViT block; scanned. `full` (per-layer, scanned) picks frame or window attention."""
 
     cfg: QwenVisionConfig
     output_hidden_states: bool = False
 
     @nn.compact
-    def __call__(self, h: Array, cos, sin, frame_mask, window_mask, full):
+    def __call__(self, h: Array, cos, sin, frame_bias, window_ids, full):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kind = "layer" if cfg.variant == "qwen2_vl" else "rms"
-        mask = jax.lax.select(full, frame_mask, window_mask)
+        block = cfg.window_units ** 2 * cfg.merge_unit if cfg.window_units else 0
         x = L.make_norm(kind, cfg.norm_eps, dt, pdt, "norm1", "vision_embed")(h)
-        h = h + VisionAttention(cfg.num_heads, dt, pdt, name="attn")(x, cos, sin, mask)
+        h = h + VisionAttention(cfg.num_heads, block, dt, pdt, name="attn")(x, cos, sin, frame_bias, window_ids, full)
         x = L.make_norm(kind, cfg.norm_eps, dt, pdt, "norm2", "vision_embed")(h)
         if cfg.variant == "qwen2_vl":
             mlp = L.MLP(cfg.intermediate_size, act=cfg.hidden_act, dtype=dt, param_dtype=pdt, name="mlp", **VISION_AXES)
@@ -354,20 +361,31 @@ class QwenVisionTower(nn.Module):
             raise ValueError(f"the padded patch count {n} must be a multiple of merge_size^2 = {cfg.merge_unit}")
         x = L.Linear(cfg.hidden_size, ("vision_patch", "vision_embed"), dtype=dt, param_dtype=pdt,
                      name="patch_embed")(pixel_values.astype(dt))[None]          # [1, N, Dv]
+        hpos, wpos, frame, window = layout.hpos, layout.wpos, layout.frame, layout.window
+        if cfg.window_units is not None:
+            # HF's window reordering: each window becomes contiguous, so window attention runs in
+            # blocks (3 * window keys per query instead of N); undone after the last block.
+            order = patch_window_order(layout, cfg)
+            x, hpos, wpos, frame, window = (a[..., order, :] if a.ndim == 3 else a[order]
+                                            for a in (x, hpos, wpos, frame, window))
         # 2-D rotary = M-RoPE with two axes (h, w) over the same head_dim/4 frequencies.
         inv = L.rope_inv_freq(cfg.head_dim // 2, cfg.rope_theta)[0]
-        pos = jnp.stack([layout.hpos, layout.wpos])[:, None]                      # [2, 1, N]
+        pos = jnp.stack([hpos, wpos])[:, None]                                      # [2, 1, N]
         cos, sin = L.rope_cos_sin(pos, np.concatenate([inv, inv]), 1.0, (len(inv), len(inv)))
-        same = lambda ids: (ids[:, None] == ids[None, :])[None, None]              # [1, 1, N, N]
-        # Additive biases built once, outside the layer scan (see `layers.dot_attention`).
-        frame_mask, window_mask = L.mask_bias(same(layout.frame)), L.mask_bias(same(layout.window))
+        # The frame bias is built once, outside the layer scan (see `layers.dot_attention`).
+        frame_bias = L.mask_bias((frame[:, None] == frame[None, :])[None, None])   # [1, 1, N, N]
+        window_ids = None if cfg.window_units is None else window
         block = VisionBlock
         if REMAT_POLICIES[cfg.remat] is not None:
             block = nn.remat(VisionBlock, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         h, ys = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})(cfg, output_hidden_states, name="blocks")(
-            x, cos, sin, frame_mask, window_mask, jnp.asarray(cfg.full_attention_flags))
+            x, cos, sin, frame_bias, window_ids, jnp.asarray(cfg.full_attention_flags))
+        if cfg.window_units is not None:
+            inverse = jnp.argsort(order)
+            x, h = x[:, inverse], h[:, inverse]
+            ys = None if ys is None else ys[:, :, inverse]
         merged = PatchMerger(cfg, name="merger")(h[0])
         hidden = jnp.concatenate([x[None], ys], axis=0)[:, 0] if output_hidden_states else None
         return QwenVisionOutput(last_hidden=h[0], merged=merged, hidden_states=hidden)

@@ -25,6 +25,7 @@ POPE_SETTINGS: tuple[str, ...] = ("random", "popular", "adversarial")
 PHD_TASKS: tuple[str, ...] = ("object", "attribute", "counting", "positional")
 PHD_MODES: tuple[str, ...] = ("base", "sec", "icc")
 POPE_PER_IMAGE = 3
+EXISTENCE_PAIRS = 3   # yes/no pairs per training existence record
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,40 @@ def _conversation(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
     return conv
 
 
+def theme_mates(present: Sequence[str]) -> list[str]:
+    """Absent categories that share a scene theme with a present one (the tempting negatives)."""
+    mates = {c for members in vocab.THEMES.values() if set(members) & set(present) for c in members}
+    return [c for c in vocab.CATEGORIES if c in mates and c not in present]
+
+
+def existence_turns(rec: ImageRecord, rng: np.random.Generator,
+                    n_pairs: int = EXISTENCE_PAIRS) -> list[tuple[str, str]]:
+    """POPE-format yes/no turns ("Is there a <category> in the image?", no answer hint), balanced.
+
+    Positives are present categories; each negative is, with equal odds, a theme mate of a present
+    category (POPE "adversarial"), a frequent category ("popular") or any absent one ("random"),
+    so the model learns to say "no" to exactly the negatives the evaluation asks about.
+    """
+    present = sorted({o.category for o in rec.objects}, key=vocab.CATEGORY_IDS.__getitem__)
+    absent = [c for c in vocab.CATEGORIES if c not in present]
+    mates = theme_mates(present)
+    popular = sorted(absent, key=lambda c: -vocab.CATEGORY_WEIGHTS[c])[:4]
+    k = min(n_pairs, len(present), len(absent))
+    positives = [present[int(i)] for i in rng.choice(len(present), size=k, replace=False)]
+    negatives: list[str] = []
+    for _ in range(k):
+        u = rng.random()
+        pool = mates if u < 1 / 3 else popular if u < 2 / 3 else absent
+        pool = [c for c in pool if c not in negatives] or [c for c in absent if c not in negatives]
+        negatives.append(_pick(rng, pool))
+    turns = [(pope_question(c), "yes") for c in positives] + [(pope_question(c), "no") for c in negatives]
+    return [turns[int(i)] for i in rng.permutation(len(turns))]
+
+
 def llava_records(rec: ImageRecord, rng: np.random.Generator,
-                  max_vqa_turns: int = 4, max_rec_turns: int = 2) -> list[dict]:
-    """LLaVA-format records for one image: caption, short-answer VQA, grounding (REC + REG).
+                  max_vqa_turns: int = 4, max_rec_turns: int = 3) -> list[dict]:
+    """LLaVA-format records for one image: caption, short-answer VQA, POPE-style existence,
+    grounding (REC + REG).
 
     ``image`` is relative to the world's image root (``<split>/<file_name>``).
     """
@@ -148,6 +180,9 @@ def llava_records(rec: ImageRecord, rng: np.random.Generator,
     chosen = [qas[int(i)] for i in rng.permutation(len(qas))[:max_vqa_turns]]
     records.append({"id": f"{rec.image_id}_vqa", "image": image, "conversations": _conversation(
         [(f"{qa.question}\n{SHORT_ANSWER_PROMPT}", qa.answer) for qa in chosen])})
+
+    records.append({"id": f"{rec.image_id}_exist", "image": image,
+                    "conversations": _conversation(existence_turns(rec, rng))})
 
     referable = [(o, e) for o in rec.objects
                  if (e := referring_expression(o, rec.objects, rec.image_size)) is not None]
@@ -290,4 +325,4 @@ def phd_items(rec: ImageRecord, stats: CategoryStats,
 
 __all__ = ["QA", "ImageRecord", "CategoryStats", "vqa_candidates", "llava_records", "pope_items",
            "pope_question", "phd_items", "POPE_SETTINGS", "PHD_TASKS", "PHD_MODES",
-           "existence_question", "count_question", "colour_count_question", "format_box"]
+           "existence_question", "existence_turns", "count_question", "colour_count_question", "format_box"]
