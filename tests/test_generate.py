@@ -354,3 +354,33 @@ def test_stop_strings_cut_each_row_after_the_string(llava, engine):
         assert np.all(out.tokens[r, cut:] == 0)
         assert out.texts[r] == text[:cut]
     assert out.lengths[0] <= 7
+
+
+def test_unrolled_decode_layers_match_scanned(llava, engine):
+    """The engine decodes with the LM's layers unrolled (one buffer per layer's weights and cache);
+    the scanned model gives the same per-layer states, attention maps, cache and tokens."""
+    from jaxvlm.models.llama import has_stacked_layers, stack_layers, unstack_layers
+    d, params = llava, llava["params"]
+    assert not engine.text_cfg.scan_layers and d["cfg"].text.scan_layers
+    fast = engine.prepare(params)
+    assert engine.prepare(params) is fast and engine.prepare(fast) is fast
+    assert has_stacked_layers(params) and not has_stacked_layers(fast)
+    back = stack_layers(fast)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
+    # forward: every layer's state and a middle layer's attention probabilities
+    kw = dict(output_hidden_states=True, attn_layers=(1,))
+    ref = full_logits(d["model"], params, d["ids"], d["mask"], d["pix"], **kw)
+    ours = full_logits(engine.model, fast, d["ids"], d["mask"], d["pix"], **kw)
+    assert rel_err(ours.hidden_states, ref.hidden_states) < 1e-6
+    assert rel_err(ours.attentions, ref.attentions) < 1e-6
+    assert rel_err(ours.logits, ref.logits) < 1e-6
+    # decoding: same tokens and logits as a scanned engine, cache one buffer per layer
+    scanned = Engine(d["model"], batch_size=4, max_len=192, buckets=(64, 128, 192), unroll_layers=False,
+                     sampler=engine.sampler)
+    a = engine.decode(params, engine.prefill(params, batch_of(d)), 16)
+    b = scanned.decode(params, scanned.prefill(params, batch_of(d)), 16)
+    assert len(a.cache[0]) == d["cfg"].text.num_layers and a.cache[0][0].ndim == 4 and b.cache[0].ndim == 5
+    np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(b.ids))
+    assert rel_err(a.logits, b.logits) < 1e-6
+    assert rel_err(jnp.stack(a.cache[0]), b.cache[0]) < 1e-6

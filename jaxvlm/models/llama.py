@@ -2,6 +2,11 @@
 Qwen2.5-VL) from one module with config switches. Layers are scanned (`nn.scan`), so compile
 time does not grow with depth and every layer parameter has a leading `layers` axis.
 
+For decoding, `scan_layers=False` unrolls the layers instead (params `layers_0 .. layers_{L-1}`,
+KV cache one buffer per layer; `unstack_layers` / `stack_layers` convert params): a scanned
+decode step copies each layer's weight and cache slice out of the stacked arrays on every token
+(XLA CPU), which cost about half of a decode step here. The generation engine does this itself.
+
 Example:
     >>> from jaxvlm.models.params import init_params
     >>> cfg = LMConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -67,6 +72,7 @@ class LMConfig:
     # QWen (Qwen-VL v1) inference-only extras, off by default; both use the original's seq_length.
     logn_attn_len: int | None = None           # queries at absolute position p >= this scaled by log_len(p+1)
     rope_ntk_len: int | None = None            # dynamic NTK: alpha from the prefill length (layers.qwen_ntk_inv_freq)
+    scan_layers: bool = True                   # False: unrolled layers_i params, per-layer KV cache (decoding)
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -159,6 +165,7 @@ class DecoderBlock(nn.Module):
     carry: dict(h [B,T,D], i layer index, optional attn buffer). The KV cache `[L,B,S,K,Dh]` comes in
     read-only (broadcast); each layer emits only its T new keys/values, and `DecoderLM` writes them
     into the cache with one update after the scan, so a decode step moves T slots, not the cache.
+    Unrolled (`scan_layers=False`), `cache` is this layer's own `(k, v)`, each `[B,S,K,Dh]`.
     """
 
     cfg: LMConfig
@@ -173,7 +180,7 @@ class DecoderBlock(nn.Module):
         h, i = carry["h"], carry["i"]
         layer_cache = None
         if cache is not None:
-            layer_cache = (cache[0][i], cache[1][i])
+            layer_cache = cache if cache[0].ndim == 4 else (cache[0][i], cache[1][i])
         x = L.RMSNorm(cfg.rms_norm_eps, dtype=dt, param_dtype=pdt, name="input_layernorm")(h)
         attn_out, probs, new_cache = L.Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias,
@@ -246,8 +253,9 @@ class DecoderLM(nn.Module):
         input_ids `[B, T]` or inputs_embeds `[B, T, D]`.
         attention_mask: `[B, T]` (no cache) or `[B, S]` over cache slots (with cache), 1 = real token.
         positions: `[B, T]` (or `[3, B, T]` M-RoPE); default `cumsum(mask) - 1` as HF `generate` does.
-        cache: `(k, v)` each `[L, B, S, K, Dh]`; the T new tokens are written at slots
-            `cache_index .. cache_index + T - 1` and attend to every valid earlier slot.
+        cache: `(k, v)` each `[L, B, S, K, Dh]` (`scan_layers=False`: each a tuple of L `[B, S, K, Dh]`);
+            the T new tokens are written at slots `cache_index .. cache_index + T - 1` and attend to
+            every valid earlier slot.
         attn_layers: layers whose attention probabilities are returned (`[n, B, H, T, S]`).
         logits: "all" | "last" (only the final position) | "none".
         ntk_seq_len: with `cfg.rope_ntk_len`, the length that fixes the NTK alpha: pass the prefill
@@ -289,17 +297,30 @@ class DecoderLM(nn.Module):
         block = DecoderBlock
         if REMAT_POLICIES[cfg.remat] is not None:
             block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        scanned = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 6, length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
         blocks = causal_query_blocks(t) if cache is None else 1
-        carry, (ys, new_kv) = scanned(cfg, attn_layers, output_hidden_states, blocks, name="layers")(
-            carry, cos, sin, bias, cache_index, q_scale, cache)
-        if cache is not None:   # one in-place write of the new slots of every layer
-            at = (0, 0, cache_index, 0, 0)
-            cache = tuple(jax.lax.dynamic_update_slice(c, n.astype(c.dtype), at) for c, n in zip(cache, new_kv))
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 6, length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            carry, (ys, new_kv) = scanned(cfg, attn_layers, output_hidden_states, blocks, name="layers")(
+                carry, cos, sin, bias, cache_index, q_scale, cache)
+            if cache is not None:   # one in-place write of the new slots of every layer
+                at = (0, 0, cache_index, 0, 0)
+                cache = tuple(jax.lax.dynamic_update_slice(c, n.astype(c.dtype), at) for c, n in zip(cache, new_kv))
+        else:
+            ys, new_cache = [], ([], [])
+            for j in range(cfg.num_layers):
+                layer_cache = None if cache is None else (cache[0][j], cache[1][j])
+                carry, (y, kv) = block(cfg, attn_layers, output_hidden_states, blocks, name=f"layers_{j}")(
+                    carry, cos, sin, bias, cache_index, q_scale, layer_cache)
+                ys.append(y)
+                if cache is not None:
+                    for c, n, out in zip(layer_cache, kv, new_cache):
+                        out.append(jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, cache_index, 0, 0)))
+            ys = jnp.stack(ys) if output_hidden_states else None
+            cache = None if cache is None else tuple(tuple(c) for c in new_cache)
         last = carry["h"]
         final = self.norm(last)
         if logits == "all":
@@ -317,7 +338,57 @@ class DecoderLM(nn.Module):
 
 
 def init_cache(cfg: LMConfig, batch: int, max_len: int, dtype=None) -> tuple[Array, Array]:
-    """Zeroed KV cache `(k, v)`, each `[L, B, max_len, K, Dh]`."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    """Zeroed KV cache `(k, v)`, each `[L, B, max_len, K, Dh]` (`scan_layers=False`: each a tuple of
+    L `[B, max_len, K, Dh]` buffers)."""
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     dt = jnp.dtype(dtype or cfg.dtype)
-    return jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+    if not cfg.scan_layers:
+        return tuple(tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for _ in range(2))
+    return jnp.zeros((cfg.num_layers,) + shape, dt), jnp.zeros((cfg.num_layers,) + shape, dt)
+
+
+def _is_lm(tree: Any) -> bool:
+    return isinstance(tree, Mapping) and "embed_tokens" in tree and "norm" in tree
+
+
+def _map_lms(params: Mapping, fn) -> dict:
+    """Apply `fn` to every DecoderLM subtree (the dict holding `embed_tokens` and `norm`)."""
+    if _is_lm(params):
+        return fn(dict(params))
+    return {k: _map_lms(v, fn) if isinstance(v, Mapping) else v for k, v in params.items()}
+
+
+def has_stacked_layers(params: Mapping) -> bool:
+    """Whether some DecoderLM inside `params` has scanned (stacked) layers."""
+    if _is_lm(params):
+        return "layers" in params
+    return any(has_stacked_layers(v) for v in params.values() if isinstance(v, Mapping))
+
+
+def unstack_layers(params: Mapping) -> dict:
+    """Scanned LM params (`layers` with a leading L axis) -> unrolled (`layers_0 .. layers_{L-1}`),
+    for a model whose LM config has `scan_layers=False`. Any model's params: every DecoderLM inside
+    is converted, vision towers are left alone. Each layer becomes its own buffer (a copy).
+
+    >>> fast = unstack_layers(params)          # then apply Llava(cfg with text.scan_layers=False)
+    """
+    def unstack(lm: dict) -> dict:
+        if "layers" not in lm:
+            return lm
+        stacked = lm.pop("layers")
+        n = jax.tree.leaves(stacked)[0].shape[0]
+        lm.update({f"layers_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(n)})
+        return lm
+    return _map_lms(params, unstack)
+
+
+def stack_layers(params: Mapping) -> dict:
+    """Inverse of `unstack_layers` (for saving, training or sharding rules that expect `layers`)."""
+    def stack(lm: dict) -> dict:
+        names = sorted((k for k in lm if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+        if not names:
+            return lm
+        layers = [lm.pop(k) for k in names]
+        lm["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        return lm
+    return _map_lms(params, stack)
