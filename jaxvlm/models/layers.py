@@ -270,14 +270,15 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def dot_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float | None = None,
-                  return_probs: bool = False, impl: str = "xla", causal_blocks: int = 1
-                  ) -> tuple[Array, Array | None]:
+                  return_probs: bool = False, impl: str = "xla", causal_blocks: int = 1,
+                  kv_heads_major: bool = False) -> tuple[Array, Array | None]:
     """Grouped-query scaled dot-product attention, the one attention of the library.
 
     q: `[B, T, H, D]`, k/v: `[B, S, K, D]` with H a multiple of K; mask broadcastable to
     `[B, 1, T, S]`: bool (True = attend) or an additive fp32 bias from `mask_bias` (what the decoder
     passes: built once per forward, not once per layer). Softmax in fp32. Returns
-    `([B, T, H, D], probs [B, H, T, S] | None)`.
+    `([B, T, H, D], probs [B, H, T, S] | None)`. kv_heads_major: k/v come as `[B, K, S, D]` (the KV
+    cache's layout, which decoding then reads without a transposing copy per layer and step).
     `impl="cudnn"`/`"auto"` uses `jax.nn.dot_product_attention` (fused kernels on GPU) when no
     probabilities are requested.
     causal_blocks: > 1 promises that `mask` is causal over aligned slots (query t sees keys <= t,
@@ -287,7 +288,7 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: fl
     meaningless output than without blocks.
     """
     b, t, h, d = q.shape
-    if (causal_blocks > 1 and mask is not None and not return_probs and t == k.shape[1]
+    if (causal_blocks > 1 and mask is not None and not return_probs and not kv_heads_major and t == k.shape[1]
             and t % causal_blocks == 0):
         c = t // causal_blocks
         full = jnp.broadcast_to(mask, (mask.shape[0], 1, t, t))
@@ -295,21 +296,25 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: fl
                               full[:, :, i * c:(i + 1) * c, :(i + 1) * c], scale=scale, impl=impl)[0]
                 for i in range(causal_blocks)]
         return jnp.concatenate(outs, axis=1), None
-    kvh = k.shape[2]
+    if kv_heads_major:
+        kh, vh = k, v
+    else:
+        kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    kvh, s = kh.shape[1], kh.shape[2]
     scale = d ** -0.5 if scale is None else scale
     is_bias = mask is not None and mask.dtype != jnp.bool_
     if impl != "xla" and not return_probs:
+        if kv_heads_major:
+            k, v = kh.transpose(0, 2, 1, 3), vh.transpose(0, 2, 1, 3)
         out = jax.nn.dot_product_attention(q, k, v, bias=mask if is_bias else None,
                                            mask=None if is_bias else mask, scale=scale,
                                            implementation=None if impl == "auto" else impl)
         return out, None
     g = h // kvh
-    s = k.shape[1]
     # Head-major operands ([B, K, G*T, D] x [B, K, S, D]): plain batched GEMMs. The 5-D einsum
     # this replaces let XLA CPU pick transposed layouts for the scores, 1.3-3.4x slower in total.
     # Scaling q ([T, D]) rather than the scores ([T, S]) is the cheaper multiply.
     qh = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     logits = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
     if mask is not None:
         # An add fuses into the softmax; a select on a broadcast bool mask runs as its own slow
@@ -375,7 +380,7 @@ def causal_mask(q_slots: Array, kv_valid: Array) -> Array:
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with optional rotary and KV cache.
 
-    `__call__(x [B,T,E], cos/sin [B,T,R] | None, mask [B,1,T,S], cache=(k, v) [B,S,K,D] | None,
+    `__call__(x [B,T,E], cos/sin [B,T,R] | None, mask [B,1,T,S], cache=(k, v) [B,K,S,D] | None,
     cache_index: scalar slot where x's first token goes, q_scale [B,T] | None: factor on the rotated
     queries)` -> `(out [B,T,E], probs | None, new_cache)`.
     """
@@ -412,15 +417,15 @@ class Attention(nn.Module):
         if q_scale is not None:  # per-query factor after rotary, keys untouched (QWen logn)
             q = q * q_scale[:, :, None, None].astype(q.dtype)
         new_cache = None
-        if cache is not None:
+        if cache is not None:   # head-major cache: the T new rows are transposed, not the cache
             ck, cv = cache
-            idx = (0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
+            idx = (0, 0, cache_index, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), idx)
+            cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), idx)
             new_cache = (ck, cv)
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
         out, probs = dot_attention(q, k, v, mask, scale=self.scale, return_probs=return_probs, impl=self.impl,
-                                   causal_blocks=causal_blocks)
+                                   causal_blocks=causal_blocks, kv_heads_major=cache is not None)
         out = out.reshape(b, t, hd)
         out = Linear(x.shape[-1], (self.heads_axis, self.embed_axis), self.out_bias, name=self.names[3], **kw)(out)
         return out, probs, new_cache
