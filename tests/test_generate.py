@@ -380,7 +380,7 @@ def test_unrolled_decode_layers_match_scanned(llava, engine):
                      sampler=engine.sampler)
     a = engine.decode(params, engine.prefill(params, batch_of(d)), 16)
     b = scanned.decode(params, scanned.prefill(params, batch_of(d)), 16)
-    assert len(a.cache[0]) == d["cfg"].text.num_layers and a.cache[0][0].ndim == 4 and b.cache[0].ndim == 5
+    assert len(a.cache[0]) == d["cfg"].text.num_layers and a.cache[0][0].ndim == 3 and b.cache[0].ndim == 4
     np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(b.ids))
     assert rel_err(a.logits, b.logits) < 1e-6
     assert rel_err(jnp.stack(a.cache[0]), b.cache[0]) < 1e-6

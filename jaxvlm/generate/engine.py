@@ -213,7 +213,7 @@ class Engine:
     def _empty_impl(self, active, temperature, rng) -> DecodeState:
         cache = init_cache(self.text_cfg, self.batch_size, self.max_len, self.cache_dtype)
         n_heads = self.text_cfg.num_heads if self.hooks.attention_layer is not None else None
-        state = empty_state(cache, self.text_cfg.vocab_size, n_lens=len(self.hooks.lens_layers),
+        state = empty_state(cache, self.text_cfg.vocab_size, batch=self.batch_size, n_lens=len(self.hooks.lens_layers),
                             n_tracked=len(self.hooks.track_token_ids), num_heads=n_heads, rng=rng,
                             pad_token_id=self.sampler.pad_token_id)
         return state.replace(active=active, finished=~active, temperature=temperature)

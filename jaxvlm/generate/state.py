@@ -18,7 +18,7 @@ Array = jax.Array
 class DecodeState:
     """Shapes: B batch rows (the compiled size), S cache slots, V vocabulary, n hooked layers.
 
-    cache:          `(k, v)`, each `[L, B, K, S, Dh]` or a tuple of L `[B, K, S, Dh]` (unrolled layers;
+    cache:          `(k, v)`, each `[L, B*K, S, Dh]` or a tuple of L `[B*K, S, Dh]` (unrolled layers;
                     model layout, `jaxvlm.models.llama.init_cache`)
     kv_mask:        `[B, S]` int32, 1 = slot holds a real token the next query may attend to
     ids:            `[B, S]` int32 token id in each slot (prompt ids, generated ids, pad elsewhere)
@@ -80,11 +80,10 @@ class DecodeState:
         return np.array(self.ids[:, s:n]), np.array(self.kv_mask[:, s:n])
 
 
-def empty_state(cache: tuple[Array, Array], vocab_size: int, *, n_lens: int = 0, n_tracked: int = 0,
+def empty_state(cache: tuple[Array, Array], vocab_size: int, *, batch: int, n_lens: int = 0, n_tracked: int = 0,
                 num_heads: int | None = None, rng: Array | None = None, pad_token_id: int = 0) -> DecodeState:
     """A state with nothing in the cache (`length == 0`); `prefill` fills it."""
-    k = cache[0][0]                                   # one layer's keys [B, K, S, Dh], stacked or unrolled
-    b, s = k.shape[0], k.shape[2]
+    b, s = batch, cache[0][0].shape[-2]               # one layer's keys [B*K, S, Dh], stacked or unrolled
     f32 = jnp.float32
     return DecodeState(
         cache=cache,

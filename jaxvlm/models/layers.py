@@ -277,8 +277,9 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: fl
     q: `[B, T, H, D]`, k/v: `[B, S, K, D]` with H a multiple of K; mask broadcastable to
     `[B, 1, T, S]`: bool (True = attend) or an additive fp32 bias from `mask_bias` (what the decoder
     passes: built once per forward, not once per layer). Softmax in fp32. Returns
-    `([B, T, H, D], probs [B, H, T, S] | None)`. kv_heads_major: k/v come as `[B, K, S, D]` (the KV
-    cache's layout, which decoding then reads without a transposing copy per layer and step).
+    `([B, T, H, D], probs [B, H, T, S] | None)`. kv_heads_major: k/v come as `[B*K, S, D]` (the KV
+    cache's layout, which decoding then reads without a transposing copy per layer and step; one
+    batch axis, so XLA CPU need not bitcast the updated cache and copy it for a second consumer).
     `impl="cudnn"`/`"auto"` uses `jax.nn.dot_product_attention` (fused kernels on GPU) when no
     probabilities are requested.
     causal_blocks: > 1 promises that `mask` is causal over aligned slots (query t sees keys <= t,
@@ -299,31 +300,32 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: fl
     if kv_heads_major:
         kh, vh = k, v
     else:
-        kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    kvh, s = kh.shape[1], kh.shape[2]
+        heads_major = lambda x: x.transpose(0, 2, 1, 3).reshape(b * x.shape[2], x.shape[1], d)
+        kh, vh = heads_major(k), heads_major(v)
+    kvh, s = kh.shape[0] // b, kh.shape[1]
     scale = d ** -0.5 if scale is None else scale
     is_bias = mask is not None and mask.dtype != jnp.bool_
     if impl != "xla" and not return_probs:
         if kv_heads_major:
-            k, v = kh.transpose(0, 2, 1, 3), vh.transpose(0, 2, 1, 3)
+            k, v = (x.reshape(b, kvh, s, d).transpose(0, 2, 1, 3) for x in (kh, vh))
         out = jax.nn.dot_product_attention(q, k, v, bias=mask if is_bias else None,
                                            mask=None if is_bias else mask, scale=scale,
                                            implementation=None if impl == "auto" else impl)
         return out, None
     g = h // kvh
-    # Head-major operands ([B, K, G*T, D] x [B, K, S, D]): plain batched GEMMs. The 5-D einsum
+    # Head-major operands ([B*K, G*T, D] x [B*K, S, D]): plain batched GEMMs. The 5-D einsum
     # this replaces let XLA CPU pick transposed layouts for the scores, 1.3-3.4x slower in total.
     # Scaling q ([T, D]) rather than the scores ([T, S]) is the cheaper multiply.
-    qh = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
-    logits = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
+    qh = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kvh, g * t, d)
+    logits = jnp.einsum("nqd,nsd->nqs", qh, kh, preferred_element_type=jnp.float32)
     if mask is not None:
         # An add fuses into the softmax; a select on a broadcast bool mask runs as its own slow
         # loop on CPU (about half the attention time at T=1024).
         bias = mask if is_bias else mask_bias(mask)
         logits = logits.reshape(b, kvh, g, t, s) + jnp.broadcast_to(bias, (b, 1, t, s))[:, :, None]
     # (softmax over the 5-D view: reshaping back first made XLA fuse the bias ~1.5x slower)
-    probs = jax.nn.softmax(logits, axis=-1).reshape(b, kvh, g * t, s)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), vh)
+    probs = jax.nn.softmax(logits, axis=-1).reshape(b * kvh, g * t, s)
+    out = jnp.einsum("nqs,nsd->nqd", probs.astype(v.dtype), vh)
     out = out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
     return out, (probs.reshape(b, h, t, s) if return_probs else None)
 
@@ -380,7 +382,7 @@ def causal_mask(q_slots: Array, kv_valid: Array) -> Array:
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with optional rotary and KV cache.
 
-    `__call__(x [B,T,E], cos/sin [B,T,R] | None, mask [B,1,T,S], cache=(k, v) [B,K,S,D] | None,
+    `__call__(x [B,T,E], cos/sin [B,T,R] | None, mask [B,1,T,S], cache=(k, v) [B*K,S,D] | None,
     cache_index: scalar slot where x's first token goes, q_scale [B,T] | None: factor on the rotated
     queries)` -> `(out [B,T,E], probs | None, new_cache)`.
     """
@@ -419,9 +421,10 @@ class Attention(nn.Module):
         new_cache = None
         if cache is not None:   # head-major cache: the T new rows are transposed, not the cache
             ck, cv = cache
-            idx = (0, 0, cache_index, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), idx)
-            cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), idx)
+            idx = (0, cache_index, 0)
+            rows = lambda x, c: x.transpose(0, 2, 1, 3).reshape(b * self.num_kv_heads, t, self.head_dim).astype(c.dtype)
+            ck = jax.lax.dynamic_update_slice(ck, rows(k, ck), idx)
+            cv = jax.lax.dynamic_update_slice(cv, rows(v, cv), idx)
             new_cache = (ck, cv)
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
         out, probs = dot_attention(q, k, v, mask, scale=self.scale, return_probs=return_probs, impl=self.impl,

@@ -139,7 +139,7 @@ class LMOutput:
                    final norm; HF's tuple instead puts the final-norm state at index L)
     final_hidden:  `[B, T, D]` after the final norm (what `lm_head` sees)
     attentions:    `[len(attn_layers), B, H, T, S]` probabilities of the requested layers
-    cache:         updated KV cache `(k, v)`, each `[L, B, K, S, Dh]`
+    cache:         updated KV cache `(k, v)`, each `[L, B*K, S, Dh]`
     """
 
     logits: Array | None
@@ -162,10 +162,11 @@ def causal_query_blocks(t: int, block: int = 128, most: int = 8) -> int:
 class DecoderBlock(nn.Module):
     """One pre-norm decoder layer; scanned over layers by `DecoderLM`.
 
-    carry: dict(h [B,T,D], i layer index, optional attn buffer). The KV cache `[L,B,K,S,Dh]` comes in
+    carry: dict(h [B,T,D], i layer index, optional attn buffer). The KV cache `[L,B*K,S,Dh]` comes in
     read-only (broadcast); each layer emits only its T new keys/values, and `DecoderLM` writes them
     into the cache with one update after the scan, so a decode step moves T slots, not the cache.
-    Unrolled (`scan_layers=False`), `cache` is this layer's own `(k, v)`, each `[B,K,S,Dh]`.
+    Unrolled (`scan_layers=False`), `cache` is this layer's own `(k, v)`, each `[B*K,S,Dh]`, and the
+    block returns it updated (no second copy of the buffer is kept alive).
     """
 
     cfg: LMConfig
@@ -180,7 +181,7 @@ class DecoderBlock(nn.Module):
         h, i = carry["h"], carry["i"]
         layer_cache = None
         if cache is not None:
-            layer_cache = cache if cache[0].ndim == 4 else (cache[0][i], cache[1][i])
+            layer_cache = cache if cache[0].ndim == 3 else (cache[0][i], cache[1][i])
         x = L.RMSNorm(cfg.rms_norm_eps, dtype=dt, param_dtype=pdt, name="input_layernorm")(h)
         attn_out, probs, new_cache = L.Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias,
@@ -194,9 +195,11 @@ class DecoderBlock(nn.Module):
         h = L.constrain(h, ("batch", "seq", "embed"))
         out = dict(carry, h=h, i=i + 1)
         new_kv = None
-        if new_cache is not None:
+        if new_cache is not None and cache[0].ndim == 3:
+            new_kv = new_cache   # unrolled: this layer's updated buffers, written in place
+        elif new_cache is not None:
             t = h.shape[1]
-            new_kv = tuple(jax.lax.dynamic_slice_in_dim(c, cache_index, t, axis=2) for c in new_cache)
+            new_kv = tuple(jax.lax.dynamic_slice_in_dim(c, cache_index, t, axis=1) for c in new_cache)
         if self.attn_layers:
             buf = carry["attn"]
             for j, layer in enumerate(self.attn_layers):
@@ -253,7 +256,7 @@ class DecoderLM(nn.Module):
         input_ids `[B, T]` or inputs_embeds `[B, T, D]`.
         attention_mask: `[B, T]` (no cache) or `[B, S]` over cache slots (with cache), 1 = real token.
         positions: `[B, T]` (or `[3, B, T]` M-RoPE); default `cumsum(mask) - 1` as HF `generate` does.
-        cache: `(k, v)` each `[L, B, K, S, Dh]` (`scan_layers=False`: each a tuple of L `[B, K, S, Dh]`);
+        cache: `(k, v)` each `[L, B*K, S, Dh]` (`scan_layers=False`: each a tuple of L `[B*K, S, Dh]`);
             the T new tokens are written at slots `cache_index .. cache_index + T - 1` and attend to
             every valid earlier slot.
         attn_layers: layers whose attention probabilities are returned (`[n, B, H, T, S]`).
@@ -307,20 +310,18 @@ class DecoderLM(nn.Module):
             carry, (ys, new_kv) = scanned(cfg, attn_layers, output_hidden_states, blocks, name="layers")(
                 carry, cos, sin, bias, cache_index, q_scale, cache)
             if cache is not None:   # one in-place write of the new slots of every layer
-                at = (0, 0, 0, cache_index, 0)
+                at = (0, 0, cache_index, 0)
                 cache = tuple(jax.lax.dynamic_update_slice(c, n.astype(c.dtype), at) for c, n in zip(cache, new_kv))
         else:
-            ys, new_cache = [], ([], [])
+            ys, new_cache = [], []
             for j in range(cfg.num_layers):
                 layer_cache = None if cache is None else (cache[0][j], cache[1][j])
                 carry, (y, kv) = block(cfg, attn_layers, output_hidden_states, blocks, name=f"layers_{j}")(
                     carry, cos, sin, bias, cache_index, q_scale, layer_cache)
                 ys.append(y)
-                if cache is not None:
-                    for c, n, out in zip(layer_cache, kv, new_cache):
-                        out.append(jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, 0, cache_index, 0)))
+                new_cache.append(kv)
             ys = jnp.stack(ys) if output_hidden_states else None
-            cache = None if cache is None else tuple(tuple(c) for c in new_cache)
+            cache = None if cache is None else tuple(tuple(kv[i] for kv in new_cache) for i in range(2))
         last = carry["h"]
         final = self.norm(last)
         if logits == "all":
@@ -338,9 +339,10 @@ class DecoderLM(nn.Module):
 
 
 def init_cache(cfg: LMConfig, batch: int, max_len: int, dtype=None) -> tuple[Array, Array]:
-    """Zeroed KV cache `(k, v)`, each `[L, B, K, max_len, Dh]` (`scan_layers=False`: each a tuple of
-    L `[B, K, max_len, Dh]` buffers). Head-major, so attention reads it without a transposing copy."""
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    """Zeroed KV cache `(k, v)`, each `[L, B*K, max_len, Dh]` (`scan_layers=False`: each a tuple of
+    L `[B*K, max_len, Dh]` buffers; row b*K + k = batch row b, kv head k). Head-major, so attention
+    reads it without a transposing copy."""
+    shape = (batch * cfg.num_kv_heads, max_len, cfg.head_dim)
     dt = jnp.dtype(dtype or cfg.dtype)
     if not cfg.scan_layers:
         return tuple(tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for _ in range(2))

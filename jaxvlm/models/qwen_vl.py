@@ -437,5 +437,5 @@ def example_inputs(cfg: QwenVLConfig) -> tuple[Array, Array]:
 
 
 def init_cache(cfg: QwenVLConfig, batch: int, max_len: int, dtype=None) -> tuple[Array, Array]:
-    """Zeroed KV cache `(k, v)`, each `[L, B, H, max_len, Dh]` (see `llama.init_cache`)."""
+    """Zeroed KV cache `(k, v)`, each `[L, B*H, max_len, Dh]` (see `llama.init_cache`)."""
     return lm_init_cache(cfg.text, batch, max_len, dtype)
