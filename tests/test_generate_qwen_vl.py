@@ -57,3 +57,13 @@ def test_unknown_positions_mode_is_rejected(public):
     cfg = public["cfg"]
     with pytest.raises(ValueError, match="positions must be"):
         Engine(QwenVL(cfg), batch_size=1, max_len=64, positions="cumsum")
+
+
+def test_engine_checks_image_spans_before_jit(public):
+    """Under jit the model's span checks cannot run; the engine runs them on the concrete prompt."""
+    cfg, params, inp = public["cfg"], public["params"], public["inp"]
+    (_, s, e), = inp["image_spans"]
+    short = np.delete(inp["input_ids"], e - 1, axis=1)       # one <imgpad> fewer
+    engine = Engine(QwenVL(cfg), batch_size=1, max_len=352, buckets=(320,), positions="slots")
+    with pytest.raises(ValueError, match="holds 255 positions"):
+        engine.prefill(params, dict(input_ids=short, pixel_values=inp["pixel_values"]))

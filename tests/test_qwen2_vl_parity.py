@@ -256,3 +256,15 @@ def test_bad_inputs(setup):
     with pytest.raises(ValueError, match="image tokens do not match"):  # through the model call itself
         setup["model"].apply({"params": setup["params"]}, jnp.asarray(ids[:, :5]), jnp.asarray(pix),
                              jnp.asarray([[1, 4, 4]]))
+
+
+def test_engine_checks_inputs_before_jit(setup):
+    """Under jit the model's token/grid checks cannot run; the engine runs them on the concrete prompt."""
+    from jaxvlm.generate import Engine
+    engine = Engine(setup["model"], batch_size=1, max_len=32, buckets=(16, 32))
+    ids = np.array([[1, VS] + [IMG] * 3 + [VE]])                 # 3 tokens for 4 merged patches
+    pix = np.ones((16, PATCH_DIM), np.float32)
+    with pytest.raises(ValueError, match="image tokens do not match image features"):
+        engine.prefill(setup["params"], dict(input_ids=ids, pixel_values=pix, image_grid_thw=np.array([[1, 4, 4]])))
+    with pytest.raises(ValueError, match="pixel values hold only 16 rows"):
+        engine.prefill(setup["params"], dict(input_ids=ids, pixel_values=pix, image_grid_thw=np.array([[1, 4, 6]])))
