@@ -6,7 +6,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# XLA:CPU (and torch) write large intermediates into freshly mmap'd memory on every call; backing
+# malloc with transparent huge pages cuts the page faults. Measured on the 2-core dev box: forward
+# 1.1-1.25x, train step ~1.13x faster. glibc reads tunables only at start-up, hence a re-exec.
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def _restart_with_hugepages() -> None:
+    """Re-exec this command once with `GLIBC_TUNABLES` set (Linux; not if the user set any tunable
+    or `JAXVLM_NO_HUGEPAGES`)."""
+    if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or os.environ.get("JAXVLM_NO_HUGEPAGES"):
+        return
+    os.environ["GLIBC_TUNABLES"] = HUGEPAGE_TUNABLE
+    try:
+        os.execv(sys.executable, [sys.executable, "-m", "jaxvlm.cli", *sys.argv[1:]])
+    except OSError:
+        del os.environ["GLIBC_TUNABLES"]       # carry on without
 
 SUBCOMMANDS = {
     "demo": ("jaxvlm.demo", "Embedded default: shapes world -> train tiny VLM -> decode -> evaluate."),
@@ -18,6 +36,8 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:            # the console command (not a call from Python)
+        _restart_with_hugepages()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="jaxvlm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
