@@ -154,3 +154,29 @@ def test_bad_batch_and_mesh():
     mesh = M.make_mesh((8, 1, 1))
     with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
         S.shard_batch({"input_ids": np.zeros((6, 4), np.int32)}, mesh)
+
+
+def test_optimizer_groups_state_shardings(setup):
+    """Several optimizer groups (masked inner states full of MaskedNodes, weight-decay masks, a
+    frozen group): every Adam moment still follows its parameter's sharding."""
+    groups = (O.Group("vision", r"vision_tower/.*", lr=0.2, weight_decay=0.0), O.Group("proj", r".*projector.*", lr=0.05))
+    opt = O.make_optimizer(O.OptimConfig(default_lr=0.1, schedule="constant", weight_decay=0.01, groups=groups),
+                           setup["abstract"])
+    mesh = M.make_mesh((2, 4, 1), jax.devices()[:8])
+    p_sh = S.param_shardings(setup["logical"], setup["abstract"], mesh, S.make_rules("fsdp_tp"))
+    st_sh = S.opt_state_shardings(opt.tx, setup["abstract"], p_sh, mesh)
+    state = jax.eval_shape(opt.tx.init, setup["abstract"])
+    assert jax.tree.structure(st_sh) == jax.tree.structure(state)
+    flat_p = {jax.tree_util.keystr(k): (v.shape, s) for (k, v), s in
+              zip(jax.tree_util.tree_flatten_with_path(setup["abstract"])[0], jax.tree.leaves(p_sh))}
+    followed = 0
+    for (path, leaf), s in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(st_sh)):
+        key = jax.tree_util.keystr(path)
+        match = [ps for name, (shape, ps) in flat_p.items() if key.endswith(name) and shape == leaf.shape]
+        if match and (".mu" in key or ".nu" in key):
+            assert s == match[0], key
+            followed += 1
+        elif not match:
+            assert s.spec == jax.sharding.PartitionSpec(), key
+    n_params = len(flat_p)
+    assert followed == 2 * n_params          # mu and nu of every parameter, in whichever group

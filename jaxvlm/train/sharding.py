@@ -124,12 +124,28 @@ def param_shardings(logical: Any, abstract: Any, mesh: Mesh, rules: Rules,
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, p_shardings: Any,
                         mesh: Mesh) -> Any:
-    """Shardings for `tx.init(params)`: moments follow their parameter, everything else replicated."""
+    """Shardings for `tx.init(params)`: moments follow their parameter, everything else replicated.
+
+    A state leaf follows the parameter whose dict path ends its own path and whose shape it has
+    (Adam's `mu['language_model']['layers']...`). Matching by path rather than with
+    `optax.tree_map_params` also serves `multi_transform` groups, whose masked inner states hold
+    `MaskedNode`s where another group's parameters are.
+    """
     abstract_state = jax.eval_shape(tx.init, abstract_params)
     replicated = NamedSharding(mesh, P())
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_state, p_shardings,
-                                 transform_non_params=lambda _: replicated,
-                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+    names = lambda path: tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+    flat, _ = jax.tree_util.tree_flatten_with_path(abstract_params)
+    shardings = jax.tree.leaves(p_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    by_path = {names(path): (tuple(leaf.shape), s) for (path, leaf), s in zip(flat, shardings)}
+
+    def follow(path, leaf):
+        keys, shape = names(path), tuple(getattr(leaf, "shape", ()))
+        for i in range(len(keys)):                # longest suffix first
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == shape:
+                return hit[1]
+        return replicated
+    return jax.tree_util.tree_map_with_path(follow, abstract_state)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
