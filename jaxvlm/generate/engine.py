@@ -40,7 +40,8 @@ Array = jax.Array
 _RULE_STREAM = 0x5EED   # rng stream for logits rules, disjoint from the per-row sampling streams
 _COMPILED: dict = {}    # jitted steps shared by engines with the same model and settings
 # XLA CPU's YNNPACK GEMMs stream weights at ~3 GB/s for a few rows ([8, 768] x [768, 2048]), its
-# Eigen path at ~6: batched decode steps were ~1.5x faster without YNN (one row: ~10% slower).
+# Eigen path at ~6: batch-8 decode steps were ~1.5x faster without YNN, batch 1 ~10% slower (only
+# batch 1 and 8 were measured; 4 is a guess at the crossover).
 _CPU_BATCHED_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 

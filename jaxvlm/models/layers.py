@@ -269,6 +269,13 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 # ----------------------------------------------------------------------------- attention
 
 
+def heads_major(x: Array) -> Array:
+    """`[B, T, K, D]` -> `[B*K, T, D]` (row b*K + k): the KV cache's layout and the attention's
+    batched-GEMM operand layout."""
+    b, t, k, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b * k, t, d)
+
+
 def dot_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float | None = None,
                   return_probs: bool = False, impl: str = "xla", causal_blocks: int = 1,
                   kv_heads_major: bool = False) -> tuple[Array, Array | None]:
@@ -297,11 +304,7 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: fl
                               full[:, :, i * c:(i + 1) * c, :(i + 1) * c], scale=scale, impl=impl)[0]
                 for i in range(causal_blocks)]
         return jnp.concatenate(outs, axis=1), None
-    if kv_heads_major:
-        kh, vh = k, v
-    else:
-        heads_major = lambda x: x.transpose(0, 2, 1, 3).reshape(b * x.shape[2], x.shape[1], d)
-        kh, vh = heads_major(k), heads_major(v)
+    kh, vh = (k, v) if kv_heads_major else (heads_major(k), heads_major(v))
     kvh, s = kh.shape[0] // b, kh.shape[1]
     scale = d ** -0.5 if scale is None else scale
     is_bias = mask is not None and mask.dtype != jnp.bool_
@@ -340,6 +343,8 @@ def segment_block_attention(q: Array, k: Array, v: Array, segment_ids: Array, bl
 
     q/k/v: `[B, T, H|K, D]`; segment_ids: `[B, T]` or `[T]` int (rows with equal ids attend each
     other). Returns `[B, T, H, D]`, equal to `dot_attention` with the dense segment mask.
+    The caller guarantees the layout (ids are traced, so it cannot be checked here): a segment
+    longer than `block`, or split into non-contiguous runs, silently loses keys.
     """
     b, t, h, d = q.shape
     ids = jnp.broadcast_to(segment_ids, (b, t)).astype(jnp.int32)
@@ -422,9 +427,8 @@ class Attention(nn.Module):
         if cache is not None:   # head-major cache: the T new rows are transposed, not the cache
             ck, cv = cache
             idx = (0, cache_index, 0)
-            rows = lambda x, c: x.transpose(0, 2, 1, 3).reshape(b * self.num_kv_heads, t, self.head_dim).astype(c.dtype)
-            ck = jax.lax.dynamic_update_slice(ck, rows(k, ck), idx)
-            cv = jax.lax.dynamic_update_slice(cv, rows(v, cv), idx)
+            ck = jax.lax.dynamic_update_slice(ck, heads_major(k).astype(ck.dtype), idx)
+            cv = jax.lax.dynamic_update_slice(cv, heads_major(v).astype(cv.dtype), idx)
             new_cache = (ck, cv)
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
         out, probs = dot_attention(q, k, v, mask, scale=self.scale, return_probs=return_probs, impl=self.impl,

@@ -179,9 +179,10 @@ class DecoderBlock(nn.Module):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         h, i = carry["h"], carry["i"]
+        unrolled = cache is not None and cache[0].ndim == 3     # this layer's own [B*K, S, Dh] buffers
         layer_cache = None
         if cache is not None:
-            layer_cache = cache if cache[0].ndim == 3 else (cache[0][i], cache[1][i])
+            layer_cache = cache if unrolled else (cache[0][i], cache[1][i])
         x = L.RMSNorm(cfg.rms_norm_eps, dtype=dt, param_dtype=pdt, name="input_layernorm")(h)
         attn_out, probs, new_cache = L.Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias,
@@ -195,8 +196,8 @@ class DecoderBlock(nn.Module):
         h = L.constrain(h, ("batch", "seq", "embed"))
         out = dict(carry, h=h, i=i + 1)
         new_kv = None
-        if new_cache is not None and cache[0].ndim == 3:
-            new_kv = new_cache   # unrolled: this layer's updated buffers, written in place
+        if unrolled:
+            new_kv = new_cache   # this layer's updated buffers, written in place
         elif new_cache is not None:
             t = h.shape[1]
             new_kv = tuple(jax.lax.dynamic_slice_in_dim(c, cache_index, t, axis=1) for c in new_cache)

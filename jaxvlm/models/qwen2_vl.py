@@ -92,6 +92,12 @@ class QwenVisionConfig:
         return self.window_size // self.spatial_merge_size // self.patch_size
 
     @property
+    def window_patches(self) -> int:
+        """Most patches in one attention window (0 without windows): the block of the blocked
+        window attention, which needs every window to fit in it."""
+        return self.window_units ** 2 * self.merge_unit if self.window_units else 0
+
+    @property
     def full_attention_flags(self) -> np.ndarray:
         """Per-layer bool: full (per-frame) attention vs window attention."""
         if self.window_size is None:
@@ -313,9 +319,9 @@ class VisionBlock(nn.Module):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kind = "layer" if cfg.variant == "qwen2_vl" else "rms"
-        block = cfg.window_units ** 2 * cfg.merge_unit if cfg.window_units else 0
         x = L.make_norm(kind, cfg.norm_eps, dt, pdt, "norm1", "vision_embed")(h)
-        h = h + VisionAttention(cfg.num_heads, block, dt, pdt, name="attn")(x, cos, sin, frame_bias, window_ids, full)
+        h = h + VisionAttention(cfg.num_heads, cfg.window_patches, dt, pdt, name="attn")(
+            x, cos, sin, frame_bias, window_ids, full)
         x = L.make_norm(kind, cfg.norm_eps, dt, pdt, "norm2", "vision_embed")(h)
         if cfg.variant == "qwen2_vl":
             mlp = L.MLP(cfg.intermediate_size, act=cfg.hidden_act, dtype=dt, param_dtype=pdt, name="mlp", **VISION_AXES)
