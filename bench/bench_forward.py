@@ -1,40 +1,24 @@
 """Forward of a ~100M-parameter LLaVA-shaped model (seq 1024, fp32): jaxvlm vs transformers, same run.
 
-Reports the speed ratio and model FLOPs utilisation against this machine's fp32 GEMM peak,
-measured in the same run (the better of a jax and a torch large square matmul).
+Reports the speed ratio and model FLOPs utilisation against this machine's fp32 GEMM peak (the
+better of a jax and a torch 2048^3 matmul). Each round runs jax and torch in their own processes, one
+after the other (bench/timing.py says why); ratios and utilisations are per round, then the median.
 
-    python bench/bench_forward.py [--seq 1024] [--repeats 5]
+    python bench/bench_forward.py [--seq 1024] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import sys
 import time
 
 import numpy as np
 
-
-def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-    import torch
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best.append(time.perf_counter() - t)
-    ta = torch.ones(n, n)
-    torch.mm(ta, ta)
-    tb = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(ta, ta)
-        tb.append(time.perf_counter() - t)
-    flops = 2 * n ** 3
-    return max(flops / min(best), flops / min(tb))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import alternate, best_of, emit, gemm_peak, median_ratio  # noqa: E402
 
 
 def model_flops(text, vision, seq: int, n_img_tokens: int) -> float:
@@ -52,9 +36,32 @@ def model_flops(text, vision, seq: int, n_img_tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (one jax and one torch process each)")
+    ap.add_argument("--calls", type=int, default=4, help="timed calls per process (the best counts)")
+    ap.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)   # child process
     args = ap.parse_args()
+    if args.side:
+        return measure(args)
+    runs = alternate(__file__, ["--seq", str(args.seq), "--calls", str(args.calls)], ("jax", "torch"), args.repeats)
+    jt, tt = [r["seconds"] for r in runs["jax"]], [r["seconds"] for r in runs["torch"]]
+    # The GEMM peak of a round: the better of what its two processes measured after their forwards.
+    peaks = [max(a["gemm_peak"], b["gemm_peak"]) for a, b in zip(runs["jax"], runs["torch"])]
+    flops = runs["jax"][0]["flops"]
+    res = {
+        "params_M": runs["jax"][0]["params_M"], "seq": args.seq, "rounds": args.repeats,
+        "jaxvlm_s": round(statistics.median(jt), 4), "torch_s": round(statistics.median(tt), 4),
+        "speedup_vs_torch": round(median_ratio(tt, jt), 3),
+        "gemm_peak_gflops": round(statistics.median(peaks) / 1e9, 1),
+        "jaxvlm_mfu": round(statistics.median(flops / t / p for t, p in zip(jt, peaks)), 3),
+        "torch_mfu": round(statistics.median(flops / t / p for t, p in zip(tt, peaks)), 3),
+        "jaxvlm_compile_s": runs["jax"][0]["compile_s"], "threads": runs["torch"][0]["threads"],
+        "per_round_s": {"jax": [round(t, 3) for t in jt], "torch": [round(t, 3) for t in tt]},
+    }
+    print(json.dumps(res, indent=1))
 
+
+def measure(args) -> None:
+    """One side's process: build the model (same seed, same weights), time `calls` forwards."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -73,43 +80,30 @@ def main() -> None:
                                    vision_feature_select_strategy="default")
     hf = transformers.LlavaForConditionalGeneration(cfg).eval()
     n_params = sum(p.numel() for p in hf.parameters())
-    jcfg, model, params = llava_from_torch(hf)
-    params = jax.device_put(params)
-
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 31000, size=(1, args.seq))
     ids[0, 10:10 + n_img] = 31999
     pix = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    compile_s = None
+    if args.side == "jax":
+        jcfg, model, params = llava_from_torch(hf)
+        del hf                                  # the jax process holds only its own weights
+        params = jax.device_put(params)
+        fwd = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x).logits)
+        jids, jpix = jnp.asarray(ids), jnp.asarray(pix)
+        t0 = time.perf_counter()
+        fwd(params, jids, jpix).block_until_ready()
+        compile_s = round(time.perf_counter() - t0, 2)
+        seconds = best_of(lambda: fwd(params, jids, jpix).block_until_ready(), args.calls)
+    else:
+        ti, tp = torch.tensor(ids), torch.tensor(pix)
 
-    fwd = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x).logits)
-    t0 = time.perf_counter()
-    fwd(params, jnp.asarray(ids), jnp.asarray(pix)).block_until_ready()
-    compile_s = time.perf_counter() - t0
-    jt = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        fwd(params, jnp.asarray(ids), jnp.asarray(pix)).block_until_ready()
-        jt.append(time.perf_counter() - t)
-
-    ti, tp = torch.tensor(ids), torch.tensor(pix)
-    with torch.no_grad():
-        hf(input_ids=ti, pixel_values=tp)
-        tt = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            hf(input_ids=ti, pixel_values=tp)
-            tt.append(time.perf_counter() - t)
-
-    peak = gemm_peak()
-    flops = model_flops(text, vision, args.seq, n_img)
-    res = {
-        "params_M": round(n_params / 1e6, 1), "seq": args.seq,
-        "jaxvlm_s": round(min(jt), 4), "torch_s": round(min(tt), 4), "speedup_vs_torch": round(min(tt) / min(jt), 3),
-        "gemm_peak_gflops": round(peak / 1e9, 1),
-        "jaxvlm_mfu": round(flops / min(jt) / peak, 3), "torch_mfu": round(flops / min(tt) / peak, 3),
-        "jaxvlm_compile_s": round(compile_s, 2), "threads": torch.get_num_threads(),
-    }
-    print(json.dumps(res, indent=1))
+        def run_torch():
+            with torch.no_grad():
+                return hf(input_ids=ti, pixel_values=tp)
+        seconds = best_of(run_torch, args.calls)
+    emit({"seconds": seconds, "gemm_peak": gemm_peak(), "flops": model_flops(text, vision, args.seq, n_img),
+          "params_M": round(n_params / 1e6, 1), "compile_s": compile_s, "threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

@@ -1,18 +1,25 @@
 """Forward speed, jaxvlm vs transformers, on a ~100M-parameter Qwen2.5-VL-shaped model (fp32):
 one 448x448 image (32x32 patches -> 256 merged tokens) + 512 text tokens. Same weights in both
-(converted from the torch model); prints the steady-state times and the torch/jax ratio.
+(converted from the torch model); prints the steady-state times and the torch/jax ratio, each side
+in its own process, alternating (bench/timing.py).
 
-    python bench/bench_qwen2_vl.py [--repeats 5] [--threads 2]
+    python bench/bench_qwen2_vl.py [--repeats 3] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import alternate, best_of, emit, median_ratio  # noqa: E402
 
 IMG, VID, VS, VE = 32000, 32001, 32002, 32003
 
@@ -29,21 +36,31 @@ def hf_model(transformers, torch):
     return transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
-def timed(fn, repeats):
-    fn()                                   # warm-up (compile for jax)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (one jax and one torch process each)")
+    ap.add_argument("--calls", type=int, default=4, help="timed calls per process (the best counts)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)     # child process
+    ap.add_argument("--logits", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.side:
+        return measure(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = alternate(__file__, ["--calls", str(args.calls), "--threads", str(args.threads), "--logits", tmp],
+                         ("jax", "torch"), args.repeats)
+        ours, ref = np.load(f"{tmp}/jax.npy"), np.load(f"{tmp}/torch.npy")
+    err = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    jt, tt = [r["seconds"] for r in runs["jax"]], [r["seconds"] for r in runs["torch"]]
+    print(runs["jax"][0]["info"])
+    print(f"jax compile: {runs['jax'][0]['compile_s']:.2f}s")
+    print(f"forward (median of {args.repeats} rounds, each side in its own process): jaxvlm "
+          f"{statistics.median(jt) * 1e3:.0f} ms, transformers {statistics.median(tt) * 1e3:.0f} ms, "
+          f"speed-up {median_ratio(tt, jt):.2f}x  (logits rel err {err:.1e})")
+
+
+def measure(args) -> None:
+    """One side's process: build the model (same seed, same weights), time `calls` forwards."""
     jax.config.update("jax_default_matmul_precision", "highest")
     import torch
     import transformers
@@ -53,38 +70,36 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     hf = hf_model(transformers, torch)
-    cfg, model, params = qwen2_vl_from_torch(hf)
-    params = jax.device_put(params)        # resident weights, as torch's are (not re-sent every call)
     rng = np.random.default_rng(0)
     grid = np.array([[1, 32, 32]])                                   # 448 x 448 px
     pix = rng.standard_normal((1024, 1176)).astype(np.float32)
     text = rng.integers(3, 30000, size=512)
     ids = np.concatenate([[1, VS], np.full(256, IMG), [VE], text])[None]
     mm = (ids == IMG).astype(np.int64)
-    print(f"params: {count_params(params) / 1e6:.1f}M, tokens: {ids.shape[1]} (256 image + 512 text + 3), "
-          f"devices: {jax.devices()[0].platform}, torch threads: {torch.get_num_threads()}")
+    info, compile_s = "", None
+    if args.side == "jax":
+        cfg, model, params = qwen2_vl_from_torch(hf)
+        del hf                                 # the jax process holds only its own weights
+        params = jax.device_put(params)        # resident weights, as torch's are (not re-sent every call)
+        info = (f"params: {count_params(params) / 1e6:.1f}M, tokens: {ids.shape[1]} (256 image + 512 text + 3), "
+                f"devices: {jax.devices()[0].platform}, torch threads: {torch.get_num_threads()}")
+        fwd = jax.jit(lambda p, i, x, g: model.apply({"params": p}, i, x, g).logits)
+        jargs = (params, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(grid))
+        t0 = time.perf_counter()
+        fwd.lower(*jargs).compile()
+        compile_s = time.perf_counter() - t0
+        run = lambda: fwd(*jargs).block_until_ready()             # noqa: E731
+    else:
+        targs = dict(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix),
+                     image_grid_thw=torch.tensor(grid), mm_token_type_ids=torch.tensor(mm))
 
-    fwd = jax.jit(lambda p, i, x, g: model.apply({"params": p}, i, x, g).logits)
-    jargs = (params, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(grid))
-    t0 = time.perf_counter()
-    fwd.lower(*jargs).compile()
-    compile_s = time.perf_counter() - t0
-    t_jax = timed(lambda: fwd(*jargs).block_until_ready(), args.repeats)
-
-    targs = dict(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix), image_grid_thw=torch.tensor(grid),
-                 mm_token_type_ids=torch.tensor(mm))
-
-    def run_torch():
-        hf.model.rope_deltas = None
-        with torch.no_grad():
-            return hf(**targs).logits
-
-    t_torch = timed(run_torch, args.repeats)
-    ref, ours = run_torch().numpy(), np.asarray(fwd(*jargs))
-    err = float(np.abs(ours - ref).max() / np.abs(ref).max())
-    print(f"jax compile: {compile_s:.2f}s")
-    print(f"forward (median of {args.repeats}): jaxvlm {t_jax * 1e3:.0f} ms, transformers {t_torch * 1e3:.0f} ms, "
-          f"speed-up {t_torch / t_jax:.2f}x  (logits rel err {err:.1e})")
+        def run():
+            hf.model.rope_deltas = None
+            with torch.no_grad():
+                return hf(**targs).logits
+    seconds = best_of(run, args.calls)
+    np.save(f"{args.logits}/{args.side}.npy", np.asarray(run()))
+    emit({"seconds": seconds, "compile_s": compile_s, "info": info})
 
 
 if __name__ == "__main__":
