@@ -132,8 +132,18 @@ def test_unreadable_data_file(tmp_path, world, tok, proc):
         make(world, tok, proc, records_path=missing)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "conversations": [{"from": "human", "value": "hi"}]}\n{"id": "b", oops\n')
-    with pytest.raises(DataFileError, match=re.escape(str(bad)) + " line 2 is not valid JSON"):
+    with pytest.raises(DataFileError, match=re.escape(str(bad)) + ":2: malformed JSON line"):
         load_records(bad)
+    for name, text, msg in (("empty.json", " \n", "is empty"), ("obj.json", '{"id": "a"}', "expected a list of records"),
+                            ("cut.json", '[{"id": "a"},', "is not valid JSON")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataFileError, match=re.escape(str(tmp_path / name)) + ".*" + msg):
+            load_records(tmp_path / name)
+    lines = tmp_path / "ok.jsonl"
+    lines.write_text('\n{"id": "a", "conversations": [{"from": "human", "value": "hi"}]}\n\n'
+                     '{"id": "b", "conversations": [{"from": "bot", "value": "x"}]}\n')
+    with pytest.raises(DataFileError, match=re.escape(str(lines)) + " line 4: record 'b' turn 0"):
+        load_records(lines)
     shape = tmp_path / "shape.json"
     shape.write_text('[{"id": "c", "conversations": [{"from": "robot", "value": "x"}]}]')
     with pytest.raises(DataFileError, match="record 'c' turn 0"):

@@ -17,11 +17,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
 from jaxvlm.data.chat_templates import IMAGE
+from jaxvlm.jsonio import read_json_or_jsonl
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -80,27 +80,9 @@ def record_from_llava(obj: Any, where: str, index: int = 0) -> Record:
 def load_records(path: str | os.PathLike) -> list[Record]:
     """Read a JSON list or JSONL file of LLaVA-format records. Raises `DataFileError` naming the path (and line)."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataFileError(f"cannot read records file {path}: {e}") from e
-    stripped = text.lstrip()
-    if not stripped:
-        raise DataFileError(f"records file {path} is empty")
-    if stripped[0] == "[":
-        try:
-            objs = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataFileError(f"records file {path} is not valid JSON: {e}") from e
+    lines, objs = read_json_or_jsonl(path, "records", DataFileError, with_lines=True)
+    if lines is None:
+        if not isinstance(objs, list):
+            raise DataFileError(f"records file {path} holds a JSON {type(objs).__name__}, expected a list of records")
         return [record_from_llava(o, path, i) for i, o in enumerate(objs)]
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataFileError(f"records file {path} line {lineno} is not valid JSON: {e}") from e
-        records.append(record_from_llava(obj, f"{path} line {lineno}", len(records)))
-    return records
+    return [record_from_llava(o, f"{path} line {n}", i) for i, (n, o) in enumerate(zip(lines, objs))]

@@ -9,11 +9,12 @@ predictions file matches ``"7"`` in an annotation file.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable, Mapping, Sequence
+
+from jaxvlm import jsonio
 
 ID_KEYS = ("question_id", "id")
 TEXT_KEYS = ("answer", "text")
@@ -55,51 +56,14 @@ def coco_image_id(value: Any) -> str:
     return str(int(m.group(1))) if m else s
 
 
-def _check_file(path: str | os.PathLike, what: str) -> str:
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise EvalInputError(f"{what} file not found: {path}")
-    if os.path.isdir(path):
-        raise EvalInputError(f"{what} path is a directory, expected a file: {path}")
-    return path
-
-
 def read_jsonl(path: str | os.PathLike, what: str = "predictions") -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a bad line raises naming its number."""
-    path = _check_file(path, what)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise EvalInputError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}): "
-                                     f"{raw.strip()[:80]!r}") from None
-            if not isinstance(obj, dict):
-                raise EvalInputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
-    return rows
+    return jsonio.read_jsonl(path, what, EvalInputError)
 
 
 def read_json_or_jsonl(path: str | os.PathLike, what: str = "annotations") -> Any:
-    """A .json file's value, or the list of objects of a JSON Lines file.
-
-    ``*.jsonl`` is always read as lines; otherwise the content decides, since LLaVA's POPE label
-    files are JSON Lines named ``*.json``.
-    """
-    path = _check_file(path, what)
-    if path.endswith(".jsonl"):
-        return [obj for _, obj in read_jsonl(path, what)]
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    # More than one top-level value: treat as JSON Lines, so errors name the line.
-    return [obj for _, obj in read_jsonl(path, what)]
+    """A .json file's value, or the list of objects of a JSON Lines file (see `jaxvlm.jsonio`)."""
+    return jsonio.read_json_or_jsonl(path, what, EvalInputError)
 
 
 def _pick(record: Mapping, keys: Sequence[str]) -> str | None:
