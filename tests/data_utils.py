@@ -21,18 +21,25 @@ CORPUS = [
 ] * 4
 
 
-def build_tokenizer():
-    """Byte-level BPE (~400 tokens) wrapped as a transformers fast tokenizer; nothing is downloaded."""
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+LLAVA_NAMED = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+QWEN_NAMED = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def build_tokenizer(specials=SPECIALS, corpus=CORPUS, vocab_size: int = 420, **named):
+    """Byte-level BPE wrapped as a transformers fast tokenizer; nothing is downloaded. The one
+    builder of the test suite: `specials` get ids 0.. in order; `named` are the wrapper's token
+    arguments (default: LLaVA's <s>, </s>, <unk>, <pad>; `QWEN_NAMED` for the Qwen families)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS,
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **(named or LLAVA_NAMED))
 
 
 def write_image(path: pathlib.Path, w: int, h: int, seed: int) -> None:

@@ -7,23 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from data_utils import CORPUS, write_image
+from data_utils import QWEN_NAMED, QWEN_SPECIALS, build_tokenizer, write_image
 
 NEW = 12
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"]
-
-
 def qwen_tokenizer():
-    """Byte-level BPE with Qwen's special tokens, as a transformers fast tokenizer (nothing downloaded)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN_SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return build_tokenizer(QWEN_SPECIALS, vocab_size=400, **QWEN_NAMED)
 
 
 @pytest.fixture(scope="module")

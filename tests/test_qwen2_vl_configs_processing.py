@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+from data_utils import QWEN_NAMED, QWEN_SPECIALS, build_tokenizer
 from jaxvlm.data.qwen2_vl_processing import (CHAT_TEMPLATE, ImageOnlyQwen2VLProcessor, QwenVLPreprocessor,
                                              make_image_processor, pad_batch)
 from jaxvlm.models.params import abstract_params, count_params
@@ -53,24 +54,13 @@ def test_real_configs_build_abstractly_with_published_counts(name):
 
 # ----------------------------------------------------------------------------- preprocessing
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>"]
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     corpus = ["You are a helpful assistant.", "What is in this picture? Describe the image.", "system user assistant"]
-    tok.train_from_iterator(corpus * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL,
-                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                                         "vision_bos_token": "<|vision_start|>",
-                                                         "vision_eos_token": "<|vision_end|>"})
+    return build_tokenizer(QWEN_SPECIALS, corpus * 20, vocab_size=300, **QWEN_NAMED,
+                           extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                                 "vision_bos_token": "<|vision_start|>",
+                                                 "vision_eos_token": "<|vision_end|>"})
 
 
 def images(rng, sizes):
