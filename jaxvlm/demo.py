@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/demo", help="output directory (world, predictions, report, PNGs)")
     p.add_argument("--train", action="store_true", help="train from scratch instead of using the shipped checkpoint")
     p.add_argument("--steps", type=int, default=None, help="train steps (default: the recipe's)")
+    p.add_argument("--vision-steps", type=int, default=None,
+                   help="dense vision pretraining steps before training (default: the recipe's; 0 skips it)")
     p.add_argument("--n-train", type=int, default=WORLD["n_train"])
     p.add_argument("--n-test", type=int, default=WORLD["n_test"])
     p.add_argument("--checkpoint", default=None, help="use this converted checkpoint instead")
@@ -55,8 +57,10 @@ def build_world(out: pathlib.Path, n_train: int, n_test: int):
 
 
 def train_model(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None,
-                overrides: tuple[str, ...] = ()) -> tuple[pathlib.Path, dict]:
-    """Run the recipe through `jaxvlm.train.loop.train`; returns (converted checkpoint dir, summary)."""
+                overrides: tuple[str, ...] = (), vision_steps: int | None = None) -> tuple[pathlib.Path, dict]:
+    """The recipe: dense vision pretraining on the train split's masks (`jaxvlm.train.dense_vision`,
+    skipped when the recipe or `vision_steps` says 0 steps), then `jaxvlm.train.loop.train` from that
+    tower. Returns (converted checkpoint dir, summary; the pretraining's history under "vision")."""
     import importlib.util
 
     from jaxvlm.train.config import apply_overrides
@@ -71,8 +75,37 @@ def train_model(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | No
     if steps is not None:
         sets.append(f"train.steps={steps}")
     cfg = apply_overrides(cfg, sets + list(overrides))
+    vp = dict(getattr(mod, "VISION_PRETRAIN", {}) or {})
+    if vision_steps is not None:
+        vp["steps"] = vision_steps
+    history = None
+    if vp.get("steps"):
+        path, history = pretrain_tower(out, world, cfg, vp)
+        cfg = apply_overrides(cfg, [f"model.vision_init={path}"])
     summary = train(cfg)
+    if history is not None:
+        summary = dict(summary, vision=history)
     return ckpt, summary
+
+
+def pretrain_tower(out: pathlib.Path, world, cfg, settings: dict) -> tuple[str, list[dict]]:
+    """Dense pretraining of the recipe's vision tower on the world's train masks -> params file."""
+    from jaxvlm.data.image_processing import LlavaImageProcessor
+    from jaxvlm.data.shapes_world import vocab
+    from jaxvlm.train import dense_vision as DV
+    from jaxvlm.train.loop import llava_config
+    lc = llava_config(cfg)
+    layer = lc.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"dense vision pretraining needs one vision_feature_layer, got {layer!r}")
+    print(f"[demo] dense vision pretraining: {settings}", file=sys.stderr)
+    targets = DV.patch_targets(world.instances["train"], world.image_dir("train"), LlavaImageProcessor.for_llava(lc),
+                               lc.vision.patch_size, vocab.COLOUR_NAMES)
+    params, history = DV.pretrain_vision(lc.vision, layer, targets, **settings)
+    print(f"[demo] vision pretraining: {history[-1]}", file=sys.stderr)
+    path = DV.save_vision_params(out / "vision_pretrain" / "vision_tower.msgpack", params)
+    (out / "vision_pretrain" / "history.json").write_text(json.dumps(history, indent=1))
+    return path, history
 
 
 def questions(world, split: str = "test") -> dict[str, tuple[list[dict], Any]]:
@@ -346,7 +379,7 @@ def main(args) -> int:
         ckpt = pathlib.Path(args.checkpoint)
     elif args.train or not (ASSET / "params.safetensors").is_file():
         t = time.perf_counter()
-        ckpt, train_summary = train_model(out, world, tok_dir, args.steps)
+        ckpt, train_summary = train_model(out, world, tok_dir, args.steps, vision_steps=args.vision_steps)
         timings["train_s"] = round(time.perf_counter() - t, 1)
         if args.save_asset:
             print(f"[demo] wrote {save_asset(ckpt, tok_dir)}", file=sys.stderr)

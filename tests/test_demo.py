@@ -19,7 +19,7 @@ TINY = ("model.text.hidden_size=64", "model.text.intermediate_size=128", "model.
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     world, tok, tok_dir = D.build_world(out, n_train=40, n_test=4)
-    ckpt, summary = D.train_model(out, world, tok_dir, steps=200, overrides=TINY)
+    ckpt, summary = D.train_model(out, world, tok_dir, steps=200, overrides=TINY, vision_steps=40)
     return out, world, tok, ckpt, summary
 
 
@@ -44,6 +44,8 @@ def test_tiny_model_learns(trained):
     chance = supervised_majority_rate(world, tok)
     assert np.mean([r["accuracy"] for r in logs[-3:]]) > 2 * chance, (logs[-3:], chance)
     assert (ckpt / "jaxvlm_config.json").is_file()
+    # stage 0 ran and seeded the tower (jaxvlm.train.dense_vision; tested on its own in test_dense_vision)
+    assert summary["vision"][-1]["step"] == 40 and (out / "vision_pretrain" / "vision_tower.msgpack").is_file()
 
 
 def test_decode_evaluate_and_pictures(trained):

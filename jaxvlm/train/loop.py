@@ -186,6 +186,10 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
         params = load_hf_params(cfg.model.init_from, lc)
     else:
         params = jax.jit(lambda k: init_params(Llava(lc), k, *example_inputs(lc)))(k_init)
+        if cfg.model.get("vision_init"):     # a tower pretrained by jaxvlm.train.dense_vision
+            from jaxvlm.train.dense_vision import load_vision_params
+            params = dict(params, vision_tower=jax.tree.map(
+                jnp.asarray, load_vision_params(cfg.model.vision_init, params["vision_tower"])))
     new_ids: list[int] = []
     if cfg.tokens.add or cfg.tokens.num_new:
         old_vocab = lc.text.vocab_size
