@@ -1,6 +1,6 @@
 """Train-step throughput of a ~100M-parameter LLaVA-shaped model: jaxvlm (make_train_step, AdamW,
 fp32) vs PyTorch (transformers LlavaForConditionalGeneration + torch.optim.AdamW) on this machine,
-in one run, as a ratio; plus XLA's peak temporary memory of the jaxvlm step with and without remat.
+in one run, as a ratio (each side in its own process, alternating: bench/timing.py); plus XLA's peak temporary memory of the jaxvlm step with and without remat.
 
     python bench/bench_train.py [--steps 3] [--batch 2] [--seq 256]
 """
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import sys
 import time
 
 import jax
@@ -23,6 +26,9 @@ from jaxvlm.train import optim as O
 from jaxvlm.train import sharding as S
 from jaxvlm.train import state as ST
 from jaxvlm.train.step import StepShardings, make_train_step, vlm_lm_loss
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import alternate, emit, median_ratio  # noqa: E402
 
 TEXT = dict(vocab_size=32000, hidden_size=640, intermediate_size=1728, num_layers=10, num_heads=10, num_kv_heads=10,
             max_position_embeddings=2048)
@@ -117,20 +123,28 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds (one jax and one torch process each)")
+    ap.add_argument("--side", choices=("jax", "torch", "jax_remat"), help=argparse.SUPPRESS)   # child process
     args = ap.parse_args()
-    batch = make_batch(args.batch, args.seq, (224 // 32) ** 2)
+    if args.side:
+        batch = make_batch(args.batch, args.seq, (224 // 32) ** 2)
+        r = {"jax": lambda: bench_jax(batch, args.steps, "none"), "torch": lambda: bench_torch(batch, args.steps),
+             "jax_remat": lambda: bench_jax(batch, 1, "full")}[args.side]()
+        return emit(dict(r, seconds=r["step_s"]))
+    common = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    runs = alternate(__file__, common, ("jax", "torch"), args.rounds)
+    remat = alternate(__file__, common, ("jax_remat",), 1)["jax_remat"][0]
+    jt, tt = [r["step_s"] for r in runs["jax"]], [r["step_s"] for r in runs["torch"]]
+    jx, pt = runs["jax"][0], runs["torch"][0]
     tokens = args.batch * args.seq
-    jx = bench_jax(batch, args.steps, "none")
-    jx_remat = bench_jax(batch, 1, "full")
-    pt = bench_torch(batch, args.steps)
     out = {
         "model_params": {"jaxvlm": jx["params"], "torch": pt["params"]},
-        "tokens_per_step": tokens,
-        "jaxvlm_tokens_per_s": tokens / jx["step_s"], "torch_tokens_per_s": tokens / pt["step_s"],
-        "ratio_jax_over_torch": pt["step_s"] / jx["step_s"],
+        "tokens_per_step": tokens, "rounds": args.rounds,
+        "jaxvlm_tokens_per_s": tokens / statistics.median(jt), "torch_tokens_per_s": tokens / statistics.median(tt),
+        "ratio_jax_over_torch": median_ratio(tt, jt),
         "jaxvlm_compile_s": jx["compile_s"],
-        "jaxvlm_remat_tokens_per_s": tokens / jx_remat["step_s"],
-        "xla_temp_bytes_no_remat": jx["temp_bytes"], "xla_temp_bytes_remat_full": jx_remat["temp_bytes"],
+        "jaxvlm_remat_tokens_per_s": tokens / remat["step_s"],
+        "xla_temp_bytes_no_remat": jx["temp_bytes"], "xla_temp_bytes_remat_full": remat["temp_bytes"],
         "loss": {"jaxvlm": jx["loss"], "torch": pt["loss"]}, "torch_threads": pt["threads"],
         "device": str(jax.devices()[0].platform),
     }
