@@ -249,10 +249,9 @@ def pictures(ckpt: pathlib.Path, world, tasks: dict, preds: dict, out: pathlib.P
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     from jaxvlm.data.chat_templates import encode_prompt, get_template
-    from jaxvlm.eval.grounding import parse_box
     from jaxvlm.generate.cli import load_model
     from jaxvlm.viz import save_attention_overlay, save_logit_lens_heatmap
 
@@ -261,14 +260,8 @@ def pictures(ckpt: pathlib.Path, world, tasks: dict, preds: dict, out: pathlib.P
     rec_q, rec_ann = tasks["rec"]
     pred = {json.loads(line)["question_id"]: json.loads(line)["answer"] for line in open(preds["rec"])}
     q, ann = rec_q[0], rec_ann[0]
-    img = Image.open(world.image_root / q["image"]).convert("RGB")
-    draw = ImageDraw.Draw(img)
-    draw.rectangle(ann["bbox"], outline=(0, 255, 0), width=2)
-    parsed = parse_box(pred.get(q["question_id"], ""), "llava")
-    if parsed is not None:
-        x1, y1, x2, y2 = parsed[1]
-        (x1, x2), (y1, y2) = sorted((x1, x2)), sorted((y1, y2))   # a weak model may swap corners
-        draw.rectangle([x1 * img.width, y1 * img.height, x2 * img.width, y2 * img.height], outline=(255, 0, 0), width=2)
+    img = draw_rec_boxes(Image.open(world.image_root / q["image"]).convert("RGB"), ann["bbox"],
+                         pred.get(q["question_id"], ""))
     path = out / "rec_boxes.png"
     img.resize((img.width * 3, img.height * 3), Image.NEAREST).save(path)
     pngs.append(str(path))
@@ -293,6 +286,23 @@ def pictures(ckpt: pathlib.Path, world, tasks: dict, preds: dict, out: pathlib.P
     pngs.append(save_logit_lens_heatmap(np.asarray(lens[:, 0, tail]), tok.convert_ids_to_tokens(list(ids[tail])),
                                         str(out / "logit_lens.png"), decode=tok.convert_ids_to_tokens))
     return pngs
+
+
+def draw_rec_boxes(img, gt_box, answer: str):
+    """The reference box (`[x1, y1, x2, y2]` px) in green and the answer's box (LLaVA `[x1, y1, x2, y2]`
+    fractions) in red, on a copy of `img`; an unparsable answer draws no red box."""
+    from PIL import ImageDraw
+
+    from jaxvlm.eval.grounding import parse_box
+    img = img.copy()
+    draw = ImageDraw.Draw(img)
+    draw.rectangle(list(gt_box), outline=(0, 255, 0), width=2)
+    parsed = parse_box(answer, "llava")
+    if parsed is not None:
+        x1, y1, x2, y2 = parsed[1]
+        (x1, x2), (y1, y2) = sorted((x1, x2)), sorted((y1, y2))   # a weak model may swap corners
+        draw.rectangle([x1 * img.width, y1 * img.height, x2 * img.width, y2 * img.height], outline=(255, 0, 0), width=2)
+    return img
 
 
 def format_table(metrics: dict, base: dict) -> str:

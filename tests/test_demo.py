@@ -77,6 +77,19 @@ def test_decode_evaluate_and_pictures(trained):
     assert "REC Acc@0.5" in table and "POPE adv. accuracy" in table
 
 
+def test_rec_picture_draws_swapped_corners_and_skips_garbage():
+    from PIL import Image
+    img = Image.new("RGB", (100, 100), (0, 0, 0))
+    red = np.all(np.asarray(D.draw_rec_boxes(img, [10, 10, 30, 30], "[0.80, 0.70, 0.20, 0.10]")) == (255, 0, 0), -1)
+    ys, xs = np.nonzero(red)
+    assert (xs.min(), ys.min(), xs.max(), ys.max()) == (20, 10, 80, 70)     # the corners' box, sorted
+    green = np.all(np.asarray(D.draw_rec_boxes(img, [10, 10, 30, 30], "no box here")) == (0, 255, 0), -1)
+    ys, xs = np.nonzero(green)
+    assert (xs.min(), ys.min(), xs.max(), ys.max()) == (10, 10, 30, 30)
+    assert not np.all(np.asarray(D.draw_rec_boxes(img, [10, 10, 30, 30], "no box here")) == (255, 0, 0), -1).any()
+    assert not np.asarray(img).any()                                           # the input is not drawn on
+
+
 def test_plain_chair_extractor_matches_vocabulary():
     from jaxvlm.data.shapes_world.vocab import CATEGORIES
     ex = D._PlainShapesExtractor(CATEGORIES)
