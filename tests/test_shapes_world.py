@@ -354,6 +354,40 @@ def test_tokenizer_round_trips_and_specials(world, tmp_path):
     assert loaded.tokenize("12") == ["1", "2"] and loaded.tokenize("0.125") == ["0", ".", "1", "2", "5"]
 
 
+def test_number_rows_start_as_a_smooth_code_of_their_value(world):
+    import jax
+
+    from jaxvlm.train.number_init import init_number_rows, number_tokens
+    tok = build_tokenizer(world)
+    ids, values = number_tokens(tok)
+    assert sorted(set(values)) == [k / 100 for k in range(101)] and len(ids) == len(set(ids)) == 202
+    assert tok.convert_ids_to_tokens(ids[values.index(0.42)]) in ("0.42", "\u01200.42")
+    v, d = len(tok), 64
+    rng = np.random.default_rng(0)
+    emb, head = rng.normal(0, 0.02, (v, d)).astype(np.float32), rng.normal(0, 0.02, (d, v)).astype(np.float32)
+    params = {"vision_tower": {"w": np.zeros(3)},
+              "language_model": {"embed_tokens": {"embedding": emb}, "lm_head": {"kernel": head}}}
+    out = init_number_rows(params, ids, values, jax.random.key(0))
+    new_emb, new_head = np.asarray(out["language_model"]["embed_tokens"]["embedding"]), \
+        np.asarray(out["language_model"]["lm_head"]["kernel"])
+    others = np.setdiff1d(np.arange(v), ids)
+    assert np.array_equal(new_emb[others], emb[others]) and np.array_equal(new_head[:, others], head[:, others])
+    assert out["vision_tower"] is params["vision_tower"]
+    spaced = {val: i for i, val in zip(ids, values) if tok.convert_ids_to_tokens(i).startswith("\u0120")}
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    for rows in (new_emb, new_head.T):
+        # similarity falls with the distance between the values, on average over the range
+        sims = {gap: np.mean([cos(rows[spaced[round(x, 2)]], rows[spaced[round(x + gap, 2)]])
+                              for x in np.arange(0, 1.0 - gap + 1e-9, 0.01)]) for gap in (0.01, 0.05, 0.3)}
+        assert sims[0.01] > sims[0.05] > sims[0.3] and sims[0.01] > 0.8, sims
+        # the rows keep the matrix's scale
+        assert 0.5 < rows[ids].std() / 0.02 < 2.0
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        init_number_rows(params, [v + 5], [0.5], jax.random.key(0))
+
+
 # -------------------------------------------------------------------------------------- caching
 def test_cache_returns_without_regenerating(world, monkeypatch):
     mtimes = {p: p.stat().st_mtime_ns for p in world.root.rglob("*") if p.is_file()}

@@ -21,10 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxvlm.models import layers as L
-from jaxvlm.models.llama import REMAT_POLICIES
 
 Array = jax.Array
-VISION_AXES = dict(embed_axis="vision_embed", heads_axis="vision_heads", kv_heads_axis="vision_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,27 +94,6 @@ class _Embeddings(nn.Module):
         return jnp.concatenate([cls, x], axis=1) + pos.astype(dt)[None]
 
 
-class CLIPBlock(nn.Module):
-    cfg: CLIPVisionConfig
-    output_hidden_states: bool = False
-
-    @nn.compact
-    def __call__(self, h: Array, _):
-        cfg = self.cfg
-        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        norm = dict(eps=cfg.layer_norm_eps, axis_name="vision_embed", dtype=dt, param_dtype=pdt)
-        x = L.LayerNorm(**norm, name="layer_norm1")(h)
-        a, _, _ = L.Attention(cfg.num_heads, cfg.num_heads, cfg.hidden_size // cfg.num_heads, qkv_bias=True,
-                              out_bias=True, names=("q_proj", "k_proj", "v_proj", "out_proj"), dtype=dt,
-                              param_dtype=pdt, name="self_attn", **VISION_AXES)(x, None, None, None)
-        h = h + a
-        x = L.LayerNorm(**norm, name="layer_norm2")(h)
-        h = h + L.MLP(cfg.intermediate_size, act=cfg.hidden_act, embed_axis="vision_embed", mlp_axis="vision_mlp",
-                      dtype=dt, param_dtype=pdt, name="mlp")(x)
-        h = L.constrain(h, ("batch", "vision_seq", "vision_embed"))
-        return h, (h if self.output_hidden_states else None)
-
-
 class CLIPVision(nn.Module):
     """Patch embedding + CLS + learned positions -> pre_layrnorm -> scanned blocks -> post_layernorm(CLS)."""
 
@@ -132,12 +109,10 @@ class CLIPVision(nn.Module):
         patches = patchify(pixel_values.astype(dt), cfg.patch_size)
         x = _Embeddings(cfg, name="embeddings")(patches)
         x = L.LayerNorm(cfg.layer_norm_eps, "vision_embed", dt, pdt, name="pre_layrnorm")(x)
-        block = CLIPBlock
-        if REMAT_POLICIES[cfg.remat] is not None:
-            block = nn.remat(CLIPBlock, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        h, ys = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
-                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
-            cfg, output_hidden_states, name="layers")(x, None)
+        stack = L.scan_layers(L.remat_block(L.ViTBlock, cfg.remat), cfg.num_layers)
+        h, ys = stack(cfg.num_heads, cfg.hidden_size // cfg.num_heads, cfg.intermediate_size, cfg.hidden_act,
+                      cfg.layer_norm_eps, ("layer_norm1", "self_attn", "layer_norm2", "mlp"),
+                      output_hidden_states=output_hidden_states, dtype=dt, param_dtype=pdt, name="layers")(x, None)
         pooled = L.LayerNorm(cfg.layer_norm_eps, "vision_embed", dt, pdt, name="post_layernorm")(h[:, 0])
         hidden = jnp.concatenate([x[None], ys], axis=0) if output_hidden_states else None
         return VisionOutput(last_hidden=h, pooled=pooled, hidden_states=hidden)

@@ -436,3 +436,67 @@ class Attention(nn.Module):
         out = out.reshape(b, t, hd)
         out = Linear(x.shape[-1], (self.heads_axis, self.embed_axis), self.out_bias, name=self.names[3], **kw)(out)
         return out, probs, new_cache
+
+
+# ----------------------------------------------------------------------------- layer stacks
+
+#: Rematerialisation policies, by the name a model config's `remat` field gives.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_block(block: type[nn.Module], remat: str) -> type[nn.Module]:
+    """`block` under `nn.remat` with the named policy; "none" returns it unchanged."""
+    policy = REMAT_POLICIES[remat]
+    return block if policy is None else nn.remat(block, policy=policy, prevent_cse=False)
+
+
+def scan_layers(block: type[nn.Module], length: int, in_axes: Any = nn.broadcast) -> type[nn.Module]:
+    """`block` applied `length` times by `nn.scan`: its params gain a leading axis (logical name
+    "layers", so the sharding rules see it) and its per-layer outputs are stacked on axis 0.
+
+    The block is called as `block(...)(carry, *xs) -> (carry, y)`; `in_axes` says, per `xs` entry,
+    `nn.broadcast` (same for every layer) or 0 (sliced per layer)."""
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
+                   length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+class ViTBlock(nn.Module):
+    """Pre-LayerNorm encoder block, full bidirectional attention with biases, plain MLP:
+    `h += attn(norm1 h)`, `h += mlp(norm2 h)`. CLIP's and Qwen-VL's ViTs differ only in the
+    activation and the parameter names (`names`: norm1, attention, norm2, mlp; `mlp_names`).
+
+    Scanned by `scan_layers` as `(h, _) -> (h, h or None)` (the per-layer state when
+    `output_hidden_states`)."""
+
+    heads: int
+    head_dim: int
+    mlp_dim: int
+    act: str
+    eps: float
+    names: tuple[str, str, str, str]
+    mlp_names: tuple[str, str] = ("fc1", "fc2")
+    output_hidden_states: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array, _) -> tuple[Array, Array | None]:
+        """h: `[N, P, D]`."""
+        norm = dict(eps=self.eps, axis_name="vision_embed", dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = LayerNorm(**norm, name=self.names[0])(h)
+        a, _, _ = Attention(self.heads, self.heads, self.head_dim, qkv_bias=True, out_bias=True,
+                            names=("q_proj", "k_proj", "v_proj", "out_proj"), name=self.names[1],
+                            embed_axis="vision_embed", heads_axis="vision_heads", kv_heads_axis="vision_heads",
+                            **kw)(x, None, None, None)
+        h = h + a
+        x = LayerNorm(**norm, name=self.names[2])(h)
+        h = h + MLP(self.mlp_dim, act=self.act, names=self.mlp_names, embed_axis="vision_embed",
+                    mlp_axis="vision_mlp", name=self.names[3], **kw)(x)
+        h = constrain(h, ("batch", "vision_seq", "vision_embed"))
+        return h, (h if self.output_hidden_states else None)

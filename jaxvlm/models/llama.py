@@ -30,12 +30,7 @@ from jaxvlm.models import layers as L
 
 Array = jax.Array
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_POLICIES = L.REMAT_POLICIES   # (re-exported: configs validate `remat` against it)
 
 
 def _freeze(d: Mapping | None):
@@ -298,16 +293,10 @@ class DecoderLM(nn.Module):
             s = mask.shape[-1]
             carry["attn"] = jnp.zeros((len(attn_layers), b, cfg.num_heads, t, s), jnp.float32)
 
-        block = DecoderBlock
-        if REMAT_POLICIES[cfg.remat] is not None:
-            block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        block = L.remat_block(DecoderBlock, cfg.remat)
         blocks = causal_query_blocks(t) if cache is None else 1
         if cfg.scan_layers:
-            scanned = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 6, length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
+            scanned = L.scan_layers(block, cfg.num_layers, in_axes=(nn.broadcast,) * 6)
             carry, (ys, new_kv) = scanned(cfg, attn_layers, output_hidden_states, blocks, name="layers")(
                 carry, cos, sin, bias, cache_index, q_scale, cache)
             if cache is not None:   # one in-place write of the new slots of every layer

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm.models import layers as L
-from jaxvlm.models.llama import REMAT_POLICIES, DecoderLM, LMConfig
+from jaxvlm.models.llama import DecoderLM, LMConfig
 from jaxvlm.models.llava import VLMOutput, splice_image_features
 
 Array = jax.Array
@@ -381,12 +381,8 @@ class QwenVisionTower(nn.Module):
         # The frame bias is built once, outside the layer scan (see `layers.dot_attention`).
         frame_bias = L.mask_bias((frame[:, None] == frame[None, :])[None, None])   # [1, 1, N, N]
         window_ids = None if cfg.window_units is None else window
-        block = VisionBlock
-        if REMAT_POLICIES[cfg.remat] is not None:
-            block = nn.remat(VisionBlock, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        h, ys = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})(cfg, output_hidden_states, name="blocks")(
+        stack = L.scan_layers(L.remat_block(VisionBlock, cfg.remat), cfg.num_layers, in_axes=(nn.broadcast,) * 4 + (0,))
+        h, ys = stack(cfg, output_hidden_states, name="blocks")(
             x, cos, sin, frame_bias, window_ids, jnp.asarray(cfg.full_attention_flags))
         if cfg.window_units is not None:
             inverse = jnp.argsort(order)

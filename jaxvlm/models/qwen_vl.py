@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm.models import layers as L
-from jaxvlm.models.clip import VISION_AXES, patchify
-from jaxvlm.models.llama import REMAT_POLICIES, DecoderLM, LMConfig, init_cache as lm_init_cache
+from jaxvlm.models.clip import patchify
+from jaxvlm.models.llama import DecoderLM, LMConfig, init_cache as lm_init_cache
 from jaxvlm.models.llava import VLMOutput, splice_image_features
 
 Array = jax.Array
@@ -234,30 +234,6 @@ def sincos_2d_table(dim: int, grid: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- vision encoder
 
 
-class VisualBlock(nn.Module):
-    """Pre-norm resblock: `x += out_proj(attn(ln_1 x))`, `x += c_proj(gelu(c_fc(ln_2 x)))`, exact GELU."""
-
-    cfg: QwenVisualConfig
-    output_hidden_states: bool = False
-
-    @nn.compact
-    def __call__(self, h: Array, _):
-        cfg = self.cfg
-        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        norm = dict(eps=cfg.layer_norm_eps, axis_name="vision_embed", dtype=dt, param_dtype=pdt)
-        x = L.LayerNorm(**norm, name="ln_1")(h)
-        # in_proj is packed per head in the checkpoint; conversion splits it into q/k/v.
-        a, _, _ = L.Attention(cfg.heads, cfg.heads, cfg.width // cfg.heads, qkv_bias=True, out_bias=True,
-                              names=("q_proj", "k_proj", "v_proj", "out_proj"), dtype=dt, param_dtype=pdt,
-                              name="attn", **VISION_AXES)(x, None, None, None)
-        h = h + a
-        x = L.LayerNorm(**norm, name="ln_2")(h)
-        h = h + L.MLP(cfg.mlp_width, act="gelu", names=("c_fc", "c_proj"), embed_axis="vision_embed",
-                      mlp_axis="vision_mlp", dtype=dt, param_dtype=pdt, name="mlp")(x)
-        h = L.constrain(h, ("batch", "vision_seq", "vision_embed"))
-        return h, (h if self.output_hidden_states else None)
-
-
 class Resampler(nn.Module):
     """`attn_pool`: 256 learned queries cross-attend (one `nn.MultiheadAttention`, no residual, no MLP)
     to the ViT tokens. query = ln_q(query) + pos (16x16 sin-cos); key = ln_kv(kv_proj x) + pos
@@ -313,12 +289,12 @@ class QwenVisual(nn.Module):
                          (POS_TABLE_GRID ** 2, cfg.width), pdt)
         x = x + resize_pos_table(pos, cfg.grid).astype(dt)[None]
         x = L.LayerNorm(cfg.layer_norm_eps, "vision_embed", dt, pdt, name="ln_pre")(x)
-        block = VisualBlock
-        if REMAT_POLICIES[cfg.remat] is not None:
-            block = nn.remat(VisualBlock, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        h, ys = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
-                        length=cfg.layers, metadata_params={nn.PARTITION_NAME: "layers"})(
-            cfg, output_hidden_states, name="layers")(x, None)
+        # The original's resblock (ln_1, attn with per-head packed in_proj, split by conversion; ln_2,
+        # c_fc/c_proj with exact GELU) is the shared pre-norm ViT block under these names.
+        stack = L.scan_layers(L.remat_block(L.ViTBlock, cfg.remat), cfg.layers)
+        h, ys = stack(cfg.heads, cfg.width // cfg.heads, cfg.mlp_width, "gelu", cfg.layer_norm_eps,
+                      ("ln_1", "attn", "ln_2", "mlp"), ("c_fc", "c_proj"),
+                      output_hidden_states=output_hidden_states, dtype=dt, param_dtype=pdt, name="layers")(x, None)
         feats = Resampler(cfg, name="attn_pool")(h)
         feats = L.LayerNorm(cfg.layer_norm_eps, "embed", dt, pdt, name="ln_post")(feats)
         proj = self.param("proj", L.dense_init(("embed", "vision_proj")), (cfg.output_dim, cfg.output_dim), pdt)

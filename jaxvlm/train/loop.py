@@ -190,6 +190,12 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
             from jaxvlm.train.dense_vision import load_vision_params
             params = dict(params, vision_tower=jax.tree.map(
                 jnp.asarray, load_vision_params(cfg.model.vision_init, params["vision_tower"])))
+        if cfg.model.get("number_init"):     # box coordinates start as a smooth code of their value
+            from transformers import AutoTokenizer
+
+            from jaxvlm.train.number_init import init_number_rows, number_tokens
+            ids, values = number_tokens(AutoTokenizer.from_pretrained(cfg.data.tokenizer))
+            params = init_number_rows(jax.device_get(params), ids, values, k_tok)
     new_ids: list[int] = []
     if cfg.tokens.add or cfg.tokens.num_new:
         old_vocab = lc.text.vocab_size
