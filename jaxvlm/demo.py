@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="train steps (default: the recipe's)")
     p.add_argument("--vision-steps", type=int, default=None,
                    help="dense vision pretraining steps before training (default: the recipe's; 0 skips it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key when training (as in `jaxvlm train --set`), repeatable")
     p.add_argument("--n-train", type=int, default=WORLD["n_train"])
     p.add_argument("--n-test", type=int, default=WORLD["n_test"])
     p.add_argument("--checkpoint", default=None, help="use this converted checkpoint instead")
@@ -389,7 +391,8 @@ def main(args) -> int:
         ckpt = pathlib.Path(args.checkpoint)
     elif args.train or not (ASSET / "params.safetensors").is_file():
         t = time.perf_counter()
-        ckpt, train_summary = train_model(out, world, tok_dir, args.steps, vision_steps=args.vision_steps)
+        ckpt, train_summary = train_model(out, world, tok_dir, args.steps, overrides=tuple(args.set),
+                                          vision_steps=args.vision_steps)
         timings["train_s"] = round(time.perf_counter() - t, 1)
         if args.save_asset:
             print(f"[demo] wrote {save_asset(ckpt, tok_dir)}", file=sys.stderr)
