@@ -380,6 +380,9 @@ def shipped_checkpoint(out: pathlib.Path) -> pathlib.Path:
 
 
 def main(args) -> int:
+    if args.set and (not args.train or args.checkpoint):
+        raise SystemExit("jaxvlm demo: --set overrides the training recipe, so it needs --train and no --checkpoint "
+                         "(a given or shipped checkpoint is used as it is)")
     t0 = time.perf_counter()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ TINY = ("model.text.hidden_size=64", "model.text.intermediate_size=128", "model.
         "model.text.num_heads=4", "model.text.num_kv_heads=2", "model.vision.hidden_size=64",
         "model.vision.intermediate_size=128", "model.vision.num_layers=2", "model.vision.num_heads=4",
         "data.batch_size=8", "optim.warmup_steps=10", "optim.default_lr=3e-3", "train.log_every=10",
-        "checkpoint.every=10000", "checkpoint.async_save=False")
+        "checkpoint.every=10000", "checkpoint.async_save=False",
+        "model.number_init=True")   # off in the recipe; on here so the train loop's hook runs
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +96,13 @@ def test_plain_chair_extractor_matches_vocabulary():
     ex = D._PlainShapesExtractor(CATEGORIES)
     got = ex("Two red crosses, a star and three small circles on a striped background.")
     assert got.nodes == ("cross", "star", "circle")
+
+
+def test_set_without_training_is_refused_before_any_work(tmp_path):
+    import argparse
+    p = argparse.ArgumentParser()
+    D.add_arguments(p)
+    for argv in (["--set", "model.number_init=True"], ["--train", "--checkpoint", "x", "--set", "a=1"]):
+        with pytest.raises(SystemExit, match="--set overrides the training recipe"):
+            D.main(p.parse_args(["--out", str(tmp_path / "d"), *argv]))
+        assert not (tmp_path / "d").exists()

@@ -199,3 +199,10 @@ def test_segment_block_attention_matches_dense_segment_mask():
     assert rel_err(out, ref) < 1e-6
     # a block too small for the segments is not silently right: the test would catch a wrong neighbourhood
     assert rel_err(L.segment_block_attention(q, k, v, ids, 2), ref) > 1e-3
+
+
+def test_unknown_remat_policy_is_a_clear_error():
+    from jaxvlm.models import layers as L
+    assert L.remat_block(L.ViTBlock, "none") is L.ViTBlock
+    with pytest.raises(ValueError, match="remat='dot'.*known: \\['dots', 'dots_no_batch', 'full', 'none'\\]"):
+        L.remat_block(L.ViTBlock, "dot")

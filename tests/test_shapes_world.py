@@ -386,6 +386,11 @@ def test_number_rows_start_as_a_smooth_code_of_their_value(world):
         assert 0.5 < rows[ids].std() / 0.02 < 2.0
     with pytest.raises(ValueError, match="outside the vocabulary"):
         init_number_rows(params, [v + 5], [0.5], jax.random.key(0))
+    with pytest.raises(ValueError, match="no number tokens"):
+        init_number_rows(params, [], [], jax.random.key(0))
+    # tied embeddings (no lm_head): only the embedding rows change
+    tied = init_number_rows({"embed_tokens": {"embedding": emb}}, ids, values, jax.random.key(0))
+    assert set(tied) == {"embed_tokens"} and np.allclose(tied["embed_tokens"]["embedding"], new_emb)
 
 
 # -------------------------------------------------------------------------------------- caching

@@ -451,6 +451,8 @@ REMAT_POLICIES: dict[str, Any] = {
 
 def remat_block(block: type[nn.Module], remat: str) -> type[nn.Module]:
     """`block` under `nn.remat` with the named policy; "none" returns it unchanged."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is not a rematerialisation policy; known: {sorted(REMAT_POLICIES)}")
     policy = REMAT_POLICIES[remat]
     return block if policy is None else nn.remat(block, policy=policy, prevent_cse=False)
 

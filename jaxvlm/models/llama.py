@@ -30,9 +30,6 @@ from jaxvlm.models import layers as L
 
 Array = jax.Array
 
-REMAT_POLICIES = L.REMAT_POLICIES   # (re-exported: configs validate `remat` against it)
-
-
 def _freeze(d: Mapping | None):
     """Dict -> sorted tuple of items, so configs stay hashable (usable as static jit args)."""
     if d is None:
@@ -61,7 +58,7 @@ class LMConfig:
     tie_word_embeddings: bool = False
     dtype: str = "float32"                     # compute dtype
     param_dtype: str = "float32"
-    remat: str = "none"                        # key of REMAT_POLICIES
+    remat: str = "none"                        # key of layers.REMAT_POLICIES
     attn_impl: str = "xla"                     # "xla" | "auto" | "cudnn" (see layers.dot_attention)
     family: str = "llama"                      # "llama" | "qwen2"
     # QWen (Qwen-VL v1) inference-only extras, off by default; both use the original's seq_length.
@@ -76,8 +73,8 @@ class LMConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; known: {sorted(REMAT_POLICIES)}")
+        if self.remat not in L.REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; known: {sorted(L.REMAT_POLICIES)}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
         if self.mrope_section is not None:

@@ -183,6 +183,10 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
 
     # --- params: init or HF checkpoint, then new tokens, then LoRA
     if cfg.model.get("init_from"):
+        for key in ("vision_init", "number_init"):
+            if cfg.model.get(key):
+                raise ValueError(f"model.{key} applies to a random init only; it cannot be combined with "
+                                 f"model.init_from={cfg.model.init_from!r}")
         params = load_hf_params(cfg.model.init_from, lc)
     else:
         params = jax.jit(lambda k: init_params(Llava(lc), k, *example_inputs(lc)))(k_init)

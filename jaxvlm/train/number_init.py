@@ -60,8 +60,11 @@ def init_number_rows(params: dict, ids: Sequence[int], values: Sequence[float], 
     """Overwrite the number tokens' rows of a Llava (or DecoderLM under `language_model`) param tree:
     `embed_tokens.embedding[id]` and, when untied, `lm_head.kernel[:, id]` become
     `std * (code(value) + keep_random * current_row / std)`, std = the matrix's own std."""
-    if len(ids) != len(values) or not len(ids):
-        raise ValueError(f"need one value per id and at least one id, got {len(ids)} ids, {len(values)} values")
+    if len(ids) != len(values):
+        raise ValueError(f"need one value per id, got {len(ids)} ids and {len(values)} values")
+    if not len(ids):
+        raise ValueError("no number tokens: the tokenizer encodes none of '0.00'..'1.00' as a single token "
+                         "(number_init is for tokenizers like jaxvlm.data.shapes_tokenizer's)")
     lm = params["language_model"] if "language_model" in params else params
     ids_a = np.asarray(ids)
     emb = np.array(lm["embed_tokens"]["embedding"])
