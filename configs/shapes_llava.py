@@ -5,7 +5,8 @@ Llama LM) learning the synthetic shapes world from scratch on a 2-core CPU.
         --set data.path=out/demo/world/llava/train.json --set data.image_root=out/demo/world/images \
         --set data.tokenizer=out/demo/tokenizer --set train.export=out/demo/checkpoint
 
-`jaxvlm demo` generates the world and tokenizer and sets these paths itself.
+`jaxvlm demo` generates the world and tokenizer, sets these paths and runs stage 0 (VISION_PRETRAIN)
+first; `jaxvlm train` alone starts the tower from random unless `--set model.vision_init=FILE`.
 """
 from jaxvlm.train.config import train_defaults
 
@@ -13,19 +14,20 @@ VOCAB = 1024           # >= the shapes tokenizer's size (jaxvlm.data.shapes_toke
 IMAGE_TOKEN_ID = 4     # "<image>" in the shapes tokenizer (checked by the demo)
 
 
-#: Optional stage 0 (`jaxvlm demo --train --vision-steps 1000`): dense per-patch pretraining of the
-#: vision tower on the train split's masks (jaxvlm.train.dense_vision), a stand-in for a pretrained
-#: CLIP; 2.6 min here. It teaches the tower shape (held-out per-patch category 0.40 vs ~0.08 chance,
-#: box error 4% of the side) but the 1400-step LM on top did not turn that into REC or POPE (REC boxes
-#: collapsed, POPE all "no"), so the shipped recipe leaves it off (steps=0).
-VISION_PRETRAIN = dict(steps=0, batch=32, lr=1e-3, warmup=100)
+#: Stage 0 (`--vision-steps 0` skips it): dense per-patch pretraining of the vision tower on the train
+#: split's masks (jaxvlm.train.dense_vision), a stand-in for a pretrained CLIP; 80 s here. The tower
+#: reaches held-out per-patch category 0.47 (chance ~0.08), colour 0.94, box error 4% of the side.
+#: Against the previous recipe (no stage 0, scanned LM): CHAIR-i 0.417 vs 0.511, caption recall 0.28 vs
+#: 0.22, VQA 0.383 vs 0.393; single-object grounding learns in 600 steps instead of ~2000 (README).
+VISION_PRETRAIN = dict(steps=1000, batch=32, lr=3e-3, warmup=100)
 
 
 def get_config():
     cfg = train_defaults()
     cfg.model.update(
         text=dict(vocab_size=VOCAB, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6,
-                  num_kv_heads=2, max_position_embeddings=512, rope_theta=10000.0),
+                  num_kv_heads=2, max_position_embeddings=512, rope_theta=10000.0,
+                  scan_layers=False),     # 4 unrolled layers: steps ~18% faster on CPU than scanned
         vision=dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, image_size=112,
                     patch_size=16),
         image_token_id=IMAGE_TOKEN_ID)
