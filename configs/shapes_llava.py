@@ -6,7 +6,8 @@ Llama LM) learning the synthetic shapes world from scratch on a 2-core CPU.
         --set data.tokenizer=out/demo/tokenizer --set train.export=out/demo/checkpoint
 
 `jaxvlm demo` generates the world and tokenizer, sets these paths and runs stage 0 (VISION_PRETRAIN)
-first; `jaxvlm train` alone starts the tower from random unless `--set model.vision_init=FILE`.
+first; `jaxvlm train` alone needs `--set model.vision_init=FILE` (a `dense_vision` tower), else it trains
+with the tower frozen at its random init (it warns).
 """
 from jaxvlm.train.config import train_defaults
 
@@ -39,8 +40,10 @@ def get_config():
     cfg.data.update(kind="pipeline", template="vicuna_v1", batch_size=8, seq_len=192, images_per_sample=1, seed=0)
     # The stage-0 tower stays frozen, as LLaVA keeps CLIP frozen: against training it along, CHAIR-i
     # 0.339 vs 0.417, VQA 0.403 vs 0.383, "What colour is the X?" 0.44 vs 0.17 (README).
-    cfg.optim.update(groups=[dict(name="vision_tower", pattern=r"vision_tower/.*", lr=None)], default_lr=3e-4, schedule="warmup_cosine", warmup_steps=100, weight_decay=0.01,
-                     clip_norm=1.0, end_lr_ratio=0.05)
+    # (`jaxvlm demo --vision-steps 0` drops the freeze: a random tower is trained, not frozen.)
+    cfg.optim.update(groups=[dict(name="vision_tower", pattern=r"vision_tower/.*", lr=None)], default_lr=3e-4,
+                     schedule="warmup_cosine", warmup_steps=100, weight_decay=0.01, clip_norm=1.0,
+                     end_lr_ratio=0.05)
     cfg.train.update(steps=1400, log_every=50, workdir="out/demo/train")
     cfg.checkpoint.update(every=500, keep=1)
     return cfg

@@ -58,28 +58,43 @@ def build_world(out: pathlib.Path, n_train: int, n_test: int):
     return w, tok, tok_dir
 
 
-def train_model(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None,
-                overrides: tuple[str, ...] = (), vision_steps: int | None = None) -> tuple[pathlib.Path, dict]:
-    """The recipe: dense vision pretraining on the train split's masks (`jaxvlm.train.dense_vision`,
-    skipped when the recipe or `vision_steps` says 0 steps), then `jaxvlm.train.loop.train` from that
-    tower. Returns (converted checkpoint dir, summary; the pretraining's history under "vision")."""
+def recipe(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None = None,
+           overrides: tuple[str, ...] = (), vision_steps: int | None = None):
+    """`configs/shapes_llava.py` with this run's paths and overrides -> (train Config, stage-0 settings).
+
+    The recipe freezes the tower that stage 0 trained; when stage 0 is skipped (`vision_steps=0`) and
+    no `model.vision_init` is given, that freeze is dropped, so a random tower is trained, not frozen."""
     import importlib.util
 
     from jaxvlm.train.config import apply_overrides
-    from jaxvlm.train.loop import train
     spec = importlib.util.spec_from_file_location("shapes_llava", REPO / "configs" / "shapes_llava.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cfg = mod.get_config()
-    ckpt = out / "checkpoint"
     sets = [f"data.path={world.llava['train']}", f"data.image_root={world.image_root}",
-            f"data.tokenizer={tok_dir}", f"train.workdir={out / 'train'}", f"train.export={ckpt}"]
+            f"data.tokenizer={tok_dir}", f"train.workdir={out / 'train'}", f"train.export={out / 'checkpoint'}"]
     if steps is not None:
         sets.append(f"train.steps={steps}")
     cfg = apply_overrides(cfg, sets + list(overrides))
     vp = dict(getattr(mod, "VISION_PRETRAIN", {}) or {})
     if vision_steps is not None:
         vp["steps"] = vision_steps
+    if not vp.get("steps") and not cfg.model.get("vision_init"):
+        kept = [g for g in cfg.optim.groups if not (g["lr"] is None and g["pattern"].startswith("vision_tower"))]
+        if len(kept) != len(cfg.optim.groups):
+            print("[demo] stage 0 skipped: the vision tower is trained with the LM instead of frozen", file=sys.stderr)
+            cfg.optim.update(groups=kept)
+    return cfg, vp
+
+
+def train_model(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None,
+                overrides: tuple[str, ...] = (), vision_steps: int | None = None) -> tuple[pathlib.Path, dict]:
+    """The recipe: dense vision pretraining on the train split's masks (`jaxvlm.train.dense_vision`,
+    skipped when the recipe or `vision_steps` says 0 steps), then `jaxvlm.train.loop.train` from that
+    tower. Returns (converted checkpoint dir, summary; the pretraining's history under "vision")."""
+    from jaxvlm.train.config import apply_overrides
+    from jaxvlm.train.loop import train
+    cfg, vp = recipe(out, world, tok_dir, steps, overrides, vision_steps)
     history = None
     if vp.get("steps"):
         path, history = pretrain_tower(out, world, cfg, vp)
@@ -87,7 +102,7 @@ def train_model(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | No
     summary = train(cfg)
     if history is not None:
         summary = dict(summary, vision=history)
-    return ckpt, summary
+    return out / "checkpoint", summary
 
 
 def pretrain_tower(out: pathlib.Path, world, cfg, settings: dict) -> tuple[str, list[dict]]:

@@ -3,6 +3,7 @@ steps through the real train loop, decoded with `jaxvlm generate` and scored wit
 import json
 from collections import Counter
 
+import jax
 import numpy as np
 import pytest
 
@@ -47,6 +48,26 @@ def test_tiny_model_learns(trained):
     assert (ckpt / "jaxvlm_config.json").is_file()
     # stage 0 ran and seeded the tower (jaxvlm.train.dense_vision; tested on its own in test_dense_vision)
     assert summary["vision"][-1]["step"] == 40 and (out / "vision_pretrain" / "vision_tower.msgpack").is_file()
+    # ... and the recipe kept it frozen: the exported tower is stage 0's, bit for bit, while the LM moved
+    from jaxvlm.conversion.converted import load_converted
+    from jaxvlm.train.dense_vision import load_vision_params
+    _, params = load_converted(ckpt)
+    stage0 = load_vision_params(out / "vision_pretrain" / "vision_tower.msgpack", params["vision_tower"])
+    for a, b in zip(jax.tree.leaves(params["vision_tower"]), jax.tree.leaves(stage0)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "layers_0" in params["language_model"]          # the recipe's unrolled LM layers
+
+
+def test_recipe_drops_the_tower_freeze_only_when_stage_0_is_skipped(trained):
+    out, world, _, _, _ = trained
+    tok_dir = out / "tokenizer"
+    frozen = lambda cfg: [g for g in cfg.optim.groups if g["lr"] is None]  # noqa: E731
+    cfg, vp = D.recipe(out, world, tok_dir)
+    assert vp["steps"] > 0 and [g["pattern"] for g in frozen(cfg)] == [r"vision_tower/.*"]
+    cfg, vp = D.recipe(out, world, tok_dir, vision_steps=0)
+    assert vp["steps"] == 0 and frozen(cfg) == []
+    cfg, _ = D.recipe(out, world, tok_dir, vision_steps=0, overrides=("model.vision_init=tower.msgpack",))
+    assert len(frozen(cfg)) == 1          # a given pretrained tower stays frozen
 
 
 def test_decode_evaluate_and_pictures(trained):

@@ -241,6 +241,11 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
     abstract = jax.eval_shape(lambda t: t, trainable)
     opt = O.make_optimizer(ocfg, abstract)
     log.info("optimizer groups:\n%s", O.describe(opt, abstract))
+    tower_labels = jax.tree.leaves(opt.labels.get("vision_tower", {}) if isinstance(opt.labels, dict) else {})
+    if (tower_labels and all(l == O.FROZEN for l in tower_labels) and not cfg.model.get("init_from")
+            and not cfg.model.get("vision_init")):
+        log.warning("the vision tower is frozen at its random init (no model.init_from / model.vision_init): "
+                    "it will never learn; give a pretrained tower or a learning rate for it")
 
     # --- sharded state (restored when a checkpoint exists)
     p_sh = S.param_shardings(logical, abstract, mesh, rules,
