@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="train steps (default: the recipe's)")
     p.add_argument("--vision-steps", type=int, default=None,
                    help="dense vision pretraining steps before training (default: the recipe's; 0 skips it)")
+    p.add_argument("--vision-images", type=int, default=None,
+                   help="images in stage 0's own world (default: the recipe's; 0 trains it on the LM's train split)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key when training (as in `jaxvlm train --set`), repeatable")
     p.add_argument("--n-train", type=int, default=WORLD["n_train"])
@@ -58,12 +60,19 @@ def build_world(out: pathlib.Path, n_train: int, n_test: int):
     return w, tok, tok_dir
 
 
+def stage0_settings(args: argparse.Namespace) -> dict:
+    """The stage-0 keys the command line sets (`--vision-steps`, `--vision-images`)."""
+    given = {"steps": args.vision_steps, "images": args.vision_images}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def recipe(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None = None,
-           overrides: tuple[str, ...] = (), vision_steps: int | None = None):
+           overrides: tuple[str, ...] = (), vision: dict | None = None):
     """`configs/shapes_llava.py` with this run's paths and overrides -> (train Config, stage-0 settings).
 
-    The recipe freezes the tower that stage 0 trained; when stage 0 is skipped (`vision_steps=0`) and
-    no `model.vision_init` is given, that freeze is dropped, so a random tower is trained, not frozen."""
+    vision: stage-0 settings that replace the recipe's `VISION_PRETRAIN` keys (e.g. `{"steps": 0}`).
+    The recipe freezes the tower that stage 0 trained; when stage 0 is skipped (`steps` 0) and no
+    `model.vision_init` is given, that freeze is dropped, so a random tower is trained, not frozen."""
     import importlib.util
 
     from jaxvlm.train.config import apply_overrides
@@ -76,9 +85,7 @@ def recipe(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None = 
     if steps is not None:
         sets.append(f"train.steps={steps}")
     cfg = apply_overrides(cfg, sets + list(overrides))
-    vp = dict(getattr(mod, "VISION_PRETRAIN", {}) or {})
-    if vision_steps is not None:
-        vp["steps"] = vision_steps
+    vp = {**(getattr(mod, "VISION_PRETRAIN", {}) or {}), **(vision or {})}
     if not vp.get("steps") and not cfg.model.get("vision_init"):
         kept = [g for g in cfg.optim.groups if not (g["lr"] is None and g["pattern"].startswith("vision_tower"))]
         if len(kept) != len(cfg.optim.groups):
@@ -88,13 +95,13 @@ def recipe(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None = 
 
 
 def train_model(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None,
-                overrides: tuple[str, ...] = (), vision_steps: int | None = None) -> tuple[pathlib.Path, dict]:
-    """The recipe: dense vision pretraining on the train split's masks (`jaxvlm.train.dense_vision`,
-    skipped when the recipe or `vision_steps` says 0 steps), then `jaxvlm.train.loop.train` from that
-    tower. Returns (converted checkpoint dir, summary; the pretraining's history under "vision")."""
+                overrides: tuple[str, ...] = (), vision: dict | None = None) -> tuple[pathlib.Path, dict]:
+    """The recipe: dense vision pretraining on masks (`jaxvlm.train.dense_vision`; skipped when the
+    recipe's `VISION_PRETRAIN`, updated by `vision`, says 0 steps), then `jaxvlm.train.loop.train` from
+    that tower. Returns (converted checkpoint dir, summary; the pretraining's history under "vision")."""
     from jaxvlm.train.config import apply_overrides
     from jaxvlm.train.loop import train
-    cfg, vp = recipe(out, world, tok_dir, steps, overrides, vision_steps)
+    cfg, vp = recipe(out, world, tok_dir, steps, overrides, vision)
     history = None
     if vp.get("steps"):
         path, history = pretrain_tower(out, world, cfg, vp)
@@ -106,9 +113,13 @@ def train_model(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | No
 
 
 def pretrain_tower(out: pathlib.Path, world, cfg, settings: dict) -> tuple[str, list[dict]]:
-    """Dense pretraining of the recipe's vision tower on the world's train masks -> params file."""
+    """Dense pretraining of the recipe's vision tower -> params file.
+
+    settings: `pretrain_vision`'s keywords, plus `images`: when > 0, stage 0 trains on the masks of a
+    world of its own with that many images (`out/vision_world`, the next seed; the stand-in for
+    CLIP's separate pretraining data), else on the LM's train split."""
     from jaxvlm.data.image_processing import LlavaImageProcessor
-    from jaxvlm.data.shapes_world import vocab
+    from jaxvlm.data.shapes_world import generate_world, vocab
     from jaxvlm.train import dense_vision as DV
     from jaxvlm.train.loop import llava_config
     lc = llava_config(cfg)
@@ -116,6 +127,11 @@ def pretrain_tower(out: pathlib.Path, world, cfg, settings: dict) -> tuple[str, 
     if not isinstance(layer, int):
         raise ValueError(f"dense vision pretraining needs one vision_feature_layer, got {layer!r}")
     print(f"[demo] dense vision pretraining: {settings}", file=sys.stderr)
+    settings = dict(settings)
+    images = settings.pop("images", 0)
+    if images:
+        world = generate_world(out / "vision_world", seed=WORLD["seed"] + 1, n_train=images, n_val=0, n_test=0,
+                               image_size=lc.vision.image_size)
     targets = DV.patch_targets(world.instances["train"], world.image_dir("train"), LlavaImageProcessor.for_llava(lc),
                                lc.vision.patch_size, vocab.COLOUR_NAMES)
     params, history = DV.pretrain_vision(lc.vision, layer, targets, **settings)
@@ -410,7 +426,7 @@ def main(args) -> int:
     elif args.train or not (ASSET / "params.safetensors").is_file():
         t = time.perf_counter()
         ckpt, train_summary = train_model(out, world, tok_dir, args.steps, overrides=tuple(args.set),
-                                          vision_steps=args.vision_steps)
+                                          vision=stage0_settings(args))
         timings["train_s"] = round(time.perf_counter() - t, 1)
         if args.save_asset:
             print(f"[demo] wrote {save_asset(ckpt, tok_dir)}", file=sys.stderr)

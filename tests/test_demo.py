@@ -21,7 +21,7 @@ TINY = ("model.text.hidden_size=64", "model.text.intermediate_size=128", "model.
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     world, tok, tok_dir = D.build_world(out, n_train=40, n_test=4)
-    ckpt, summary = D.train_model(out, world, tok_dir, steps=200, overrides=TINY, vision_steps=40)
+    ckpt, summary = D.train_model(out, world, tok_dir, steps=200, overrides=TINY, vision=dict(steps=40, images=24))
     return out, world, tok, ckpt, summary
 
 
@@ -48,6 +48,9 @@ def test_tiny_model_learns(trained):
     assert (ckpt / "jaxvlm_config.json").is_file()
     # stage 0 ran and seeded the tower (jaxvlm.train.dense_vision; tested on its own in test_dense_vision)
     assert summary["vision"][-1]["step"] == 40 and (out / "vision_pretrain" / "vision_tower.msgpack").is_file()
+    # ... on a world of its own (the next seed), not on the LM's train images
+    stage0_world = json.loads((out / "vision_world" / "world.json").read_text())["params"]
+    assert (stage0_world["seed"], stage0_world["n_train"]) == (D.WORLD["seed"] + 1, 24)
     # ... and the recipe kept it frozen: the exported tower is stage 0's, bit for bit, while the LM moved
     from jaxvlm.conversion.converted import load_converted
     from jaxvlm.train.dense_vision import load_vision_params
@@ -63,11 +66,19 @@ def test_recipe_drops_the_tower_freeze_only_when_stage_0_is_skipped(trained):
     tok_dir = out / "tokenizer"
     frozen = lambda cfg: [g for g in cfg.optim.groups if g["lr"] is None]  # noqa: E731
     cfg, vp = D.recipe(out, world, tok_dir)
+    assert vp["images"] > 0                # the recipe's stage 0 has a world of its own
     assert vp["steps"] > 0 and [g["pattern"] for g in frozen(cfg)] == [r"vision_tower/.*"]
-    cfg, vp = D.recipe(out, world, tok_dir, vision_steps=0)
+    cfg, vp = D.recipe(out, world, tok_dir, vision=dict(steps=0))
     assert vp["steps"] == 0 and frozen(cfg) == []
-    cfg, _ = D.recipe(out, world, tok_dir, vision_steps=0, overrides=("model.vision_init=tower.msgpack",))
+    cfg, _ = D.recipe(out, world, tok_dir, vision=dict(steps=0), overrides=("model.vision_init=tower.msgpack",))
     assert len(frozen(cfg)) == 1          # a given pretrained tower stays frozen
+    # the command line's stage-0 flags replace only the keys they name
+    import argparse
+    parser = argparse.ArgumentParser()
+    D.add_arguments(parser)
+    assert D.stage0_settings(parser.parse_args(["--vision-images", "0"])) == {"images": 0}
+    _, vp = D.recipe(out, world, tok_dir, vision=D.stage0_settings(parser.parse_args(["--vision-steps", "7"])))
+    assert vp["steps"] == 7 and vp["images"] > 0
 
 
 def test_decode_evaluate_and_pictures(trained):

@@ -80,3 +80,28 @@ def test_too_few_images_is_a_clear_error(targets):
                           targets.num_categories, targets.num_colours)
     with pytest.raises(ValueError, match="at least 5 images"):
         DV.pretrain_vision(TOWER, -2, few, steps=1, progress=False)
+
+
+def test_object_weight_reweights_object_patches_against_background():
+    rng = np.random.default_rng(0)
+    nc, nco = 3, 2
+    lc, lco, box = rng.normal(size=(2, 5, nc + 1)), rng.normal(size=(2, 5, nco + 1)), rng.uniform(size=(2, 5, 4))
+    t_cat = np.array([[0, 3, 3, 1, 3], [3, 3, 2, 3, 3]])                   # 3 = background
+    t_col = np.array([[1, 2, 2, 0, 2], [2, 2, 1, 2, 2]])
+    t_box = rng.uniform(size=(2, 5, 4))
+
+    def ce(logits, t):
+        lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        return -np.take_along_axis(lp, t[..., None], -1)[..., 0]
+
+    obj = t_cat < nc
+    for w in (1.0, 5.0):
+        weights = np.where(obj, w, 1.0)
+        weights = weights / weights.mean()
+        want = (ce(lc, t_cat) * weights).mean() + (ce(lco, t_col) * weights).mean() + \
+            np.abs(box - t_box).sum(-1)[obj].mean()
+        got, parts = DV.dense_loss(lc, lco, box, t_cat, t_col, t_box, nc, object_weight=w)
+        np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    # weight 5: an object patch's cross-entropy counts 5x a background patch's
+    assert not np.isclose(float(DV.dense_loss(lc, lco, box, t_cat, t_col, t_box, nc, object_weight=5.0)[0]),
+                          float(DV.dense_loss(lc, lco, box, t_cat, t_col, t_box, nc)[0]))

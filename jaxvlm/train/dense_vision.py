@@ -111,22 +111,30 @@ class DenseHeads(nn.Module):
                 nn.Dense(self.num_colours + 1, name="colour")(h), nn.Dense(4, name="box")(h))
 
 
-def dense_loss(logits_cat, logits_col, box_pred, t_cat, t_col, t_box, num_categories: int):
-    """Cross-entropy on category and colour (background included), L1 on the box of object patches."""
-    ce_cat = optax.softmax_cross_entropy_with_integer_labels(logits_cat, t_cat).mean()
-    ce_col = optax.softmax_cross_entropy_with_integer_labels(logits_col, t_col).mean()
+def dense_loss(logits_cat, logits_col, box_pred, t_cat, t_col, t_box, num_categories: int,
+               object_weight: float = 1.0):
+    """Cross-entropy on category and colour (background included), L1 on the box of object patches.
+
+    object_weight: an object patch's cross-entropy weight relative to a background patch's (the
+    weights are normalised to mean 1 per batch). Most patches are background, and telling background
+    from object is easy; shape is what the tower has to learn.
+    """
     obj = (t_cat < num_categories).astype(jnp.float32)
+    w = 1.0 + (object_weight - 1.0) * obj
+    w = w / w.mean()
+    ce_cat = (optax.softmax_cross_entropy_with_integer_labels(logits_cat, t_cat) * w).mean()
+    ce_col = (optax.softmax_cross_entropy_with_integer_labels(logits_col, t_col) * w).mean()
     l1 = (jnp.abs(box_pred - t_box).sum(-1) * obj).sum() / jnp.maximum(obj.sum(), 1.0)
     return ce_cat + ce_col + l1, dict(category_ce=ce_cat, colour_ce=ce_col, box_l1=l1)
 
 
 def pretrain_vision(cfg: CLIPVisionConfig, feature_layer: int, targets: DenseTargets, *, steps: int = 1000,
                     batch: int = 32, lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.01,
-                    seed: int = 0, eval_every: int = 200, holdout: int = 200,
+                    object_weight: float = 1.0, seed: int = 0, eval_every: int = 200, holdout: int = 200,
                     progress: bool = True) -> tuple[dict, list[dict]]:
     """Train the tower on `targets`; returns (the `vision_tower` params, history).
 
-    The last `holdout` images (at most a fifth) are held out; history rows give the held-out per-object-patch
+    object_weight: see `dense_loss`. The last `holdout` images (at most a fifth) are held out; history rows give the held-out per-object-patch
     category and colour accuracy and mean box error (fraction of the image side) every `eval_every`.
     """
     n = len(targets.pixels)
@@ -145,7 +153,7 @@ def pretrain_vision(cfg: CLIPVisionConfig, feature_layer: int, targets: DenseTar
     @jax.jit
     def step(p, s, px, c, co, b):
         def loss(p):
-            return dense_loss(*model.apply({"params": p}, px), c, co, b, nc)
+            return dense_loss(*model.apply({"params": p}, px), c, co, b, nc, object_weight)
         (_, parts), g = jax.value_and_grad(loss, has_aux=True)(p)
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s, parts
