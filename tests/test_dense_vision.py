@@ -105,3 +105,30 @@ def test_object_weight_reweights_object_patches_against_background():
     # weight 5: an object patch's cross-entropy counts 5x a background patch's
     assert not np.isclose(float(DV.dense_loss(lc, lco, box, t_cat, t_col, t_box, nc, object_weight=5.0)[0]),
                           float(DV.dense_loss(lc, lco, box, t_cat, t_col, t_box, nc)[0]))
+
+
+def test_box_bins_classify_each_coordinate():
+    rng = np.random.default_rng(1)
+    nc, bins = 3, 7
+    t_cat = np.array([[0, 3, 2, 3]])
+    t_col = np.array([[0, 2, 1, 2]])
+    t_box = np.array([[[0.0, 0.5, 0.99, 1.0]] * 4])
+    np.testing.assert_array_equal(DV.box_bin(t_box[0, 0], bins), [0, 3, 6, 6])     # 1.0 falls in the last bin
+    logits = rng.normal(size=(1, 4, 4, bins))
+    lc, lco = rng.normal(size=(1, 4, nc + 1)), rng.normal(size=(1, 4, 3))
+    total, parts = DV.dense_loss(lc, lco, logits, t_cat, t_col, t_box, nc, box_bins=bins)
+    lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    per_patch = -lp[0, :, np.arange(4), [0, 3, 6, 6]].T.sum(-1)                   # [patches]
+    np.testing.assert_allclose(float(parts["box_ce"]), per_patch[[0, 2]].mean(), rtol=1e-5)  # object patches only
+    np.testing.assert_allclose(float(total), float(parts["category_ce"] + parts["colour_ce"] + parts["box_ce"]),
+                               rtol=1e-6)
+    # the estimate is the centre of the most likely bin
+    np.testing.assert_allclose(DV.box_estimate(logits, bins), (logits.argmax(-1) + 0.5) / bins)
+
+
+def test_pretraining_with_box_bins_learns_boxes(targets):
+    _, history = DV.pretrain_vision(TOWER, -2, targets, steps=40, batch=8, lr=3e-3, warmup=5, box_bins=8,
+                                    eval_every=20, progress=False)
+    assert history[-1]["box_ce"] < history[0]["box_ce"], history
+    assert history[-1]["box_ce"] < 0.6 * 4 * np.log(8), history           # well under a uniform guess
+    assert 0 < history[-1]["heldout_box_err"] < 0.5, history              # bin centres, in image sides

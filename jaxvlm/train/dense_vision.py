@@ -102,18 +102,33 @@ class DenseHeads(nn.Module):
     feature_layer: int
     num_categories: int
     num_colours: int
+    box_bins: int = 0     # > 0: each box coordinate is classified into this many bins, else regressed
 
     @nn.compact
     def __call__(self, pixel_values):
         h = CLIPVision(self.cfg, name="vision_tower")(pixel_values, output_hidden_states=True)
         h = h.hidden_states[self.feature_layer][:, 1:]            # patches, CLS dropped: [N, P, D]
+        box = nn.Dense(4 * max(self.box_bins, 1), name="box")(h)
+        if self.box_bins:
+            box = box.reshape(*box.shape[:-1], 4, self.box_bins)   # [N, P, 4, bins]
         return (nn.Dense(self.num_categories + 1, name="category")(h),
-                nn.Dense(self.num_colours + 1, name="colour")(h), nn.Dense(4, name="box")(h))
+                nn.Dense(self.num_colours + 1, name="colour")(h), box)
+
+
+def box_bin(t_box, bins: int):
+    """Box coordinates in [0, 1] -> bin indices in [0, bins)."""
+    return jnp.clip(jnp.floor(t_box * bins), 0, bins - 1).astype(jnp.int32)
+
+
+def box_estimate(box_pred, bins: int):
+    """The head's box: regressed values, or the centres of the most likely bins."""
+    return (box_pred.argmax(-1) + 0.5) / bins if bins else box_pred
 
 
 def dense_loss(logits_cat, logits_col, box_pred, t_cat, t_col, t_box, num_categories: int,
-               object_weight: float = 1.0):
-    """Cross-entropy on category and colour (background included), L1 on the box of object patches.
+               object_weight: float = 1.0, box_bins: int = 0):
+    """Cross-entropy on category and colour (background included); on object patches, L1 on the box
+    or, with `box_bins`, cross-entropy on each coordinate's bin (summed over the 4).
 
     object_weight: an object patch's cross-entropy weight relative to a background patch's (the
     weights are normalised to mean 1 per batch). Most patches are background, and telling background
@@ -124,24 +139,29 @@ def dense_loss(logits_cat, logits_col, box_pred, t_cat, t_col, t_box, num_catego
     w = w / w.mean()
     ce_cat = (optax.softmax_cross_entropy_with_integer_labels(logits_cat, t_cat) * w).mean()
     ce_col = (optax.softmax_cross_entropy_with_integer_labels(logits_col, t_col) * w).mean()
-    l1 = (jnp.abs(box_pred - t_box).sum(-1) * obj).sum() / jnp.maximum(obj.sum(), 1.0)
-    return ce_cat + ce_col + l1, dict(category_ce=ce_cat, colour_ce=ce_col, box_l1=l1)
+    if box_bins:
+        per_patch = optax.softmax_cross_entropy_with_integer_labels(box_pred, box_bin(t_box, box_bins)).sum(-1)
+        name = "box_ce"
+    else:
+        per_patch, name = jnp.abs(box_pred - t_box).sum(-1), "box_l1"
+    box = (per_patch * obj).sum() / jnp.maximum(obj.sum(), 1.0)
+    return ce_cat + ce_col + box, dict(category_ce=ce_cat, colour_ce=ce_col, **{name: box})
 
 
 def pretrain_vision(cfg: CLIPVisionConfig, feature_layer: int, targets: DenseTargets, *, steps: int = 1000,
                     batch: int = 32, lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.01,
-                    object_weight: float = 1.0, seed: int = 0, eval_every: int = 200, holdout: int = 200,
+                    object_weight: float = 1.0, box_bins: int = 0, seed: int = 0, eval_every: int = 200, holdout: int = 200,
                     progress: bool = True) -> tuple[dict, list[dict]]:
     """Train the tower on `targets`; returns (the `vision_tower` params, history).
 
-    object_weight: see `dense_loss`. The last `holdout` images (at most a fifth) are held out; history rows give the held-out per-object-patch
+    object_weight, box_bins: see `dense_loss`. The last `holdout` images (at most a fifth) are held out; history rows give the held-out per-object-patch
     category and colour accuracy and mean box error (fraction of the image side) every `eval_every`.
     """
     n = len(targets.pixels)
     holdout = min(holdout, n // 5)
     if holdout < 1:
         raise ValueError(f"dense vision pretraining needs at least 5 images (one held out per five), got {n}")
-    model = DenseHeads(cfg, feature_layer, targets.num_categories, targets.num_colours)
+    model = DenseHeads(cfg, feature_layer, targets.num_categories, targets.num_colours, box_bins)
     arrays = (targets.pixels, targets.category, targets.colour, targets.box)
     train_arrays, held = tuple(a[:n - holdout] for a in arrays), tuple(jnp.asarray(a[n - holdout:]) for a in arrays)
     params = nn.unbox(model.init(jax.random.key(seed), jnp.asarray(targets.pixels[:1])))["params"]
@@ -153,7 +173,7 @@ def pretrain_vision(cfg: CLIPVisionConfig, feature_layer: int, targets: DenseTar
     @jax.jit
     def step(p, s, px, c, co, b):
         def loss(p):
-            return dense_loss(*model.apply({"params": p}, px), c, co, b, nc, object_weight)
+            return dense_loss(*model.apply({"params": p}, px), c, co, b, nc, object_weight, box_bins)
         (_, parts), g = jax.value_and_grad(loss, has_aux=True)(p)
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s, parts
@@ -165,7 +185,7 @@ def pretrain_vision(cfg: CLIPVisionConfig, feature_layer: int, targets: DenseTar
         k = jnp.maximum(obj.sum(), 1)
         return dict(category_acc=((lc.argmax(-1) == c) & obj).sum() / k,
                     colour_acc=((lco.argmax(-1) == co) & obj).sum() / k,
-                    box_err=(jnp.abs(lb - b).mean(-1) * obj).sum() / k)
+                    box_err=(jnp.abs(box_estimate(lb, box_bins) - b).mean(-1) * obj).sum() / k)
 
     rng = np.random.default_rng(seed)
     history: list[dict] = []
