@@ -18,7 +18,7 @@ IMAGE_TOKEN_ID = 4     # "<image>" in the shapes tokenizer (checked by the demo)
 #: Stage 0 (`--vision-steps 0` skips it): dense per-patch pretraining of the vision tower on masks
 #: (jaxvlm.train.dense_vision), a stand-in for a pretrained CLIP, on a world of its own (12000 images,
 #: the next seed; generated in ~45 s) with object patches' cross-entropy weighted 5x background's;
-#: 4000 steps, ~4.7 min here. Held-out per-patch category accuracy 0.76-0.82 (chance ~0.08), colour
+#: 4000 steps, ~4.6 min here. Held-out per-patch category accuracy 0.76-0.82 (chance ~0.08), colour
 #: 0.98, box error 2.6% of the side; 1000 steps on the LM's 3000 train images reached 0.47 (a plateau:
 #: 2500 steps 0.49). Against that older stage 0, in the full recipe: CHAIR-i 0.156 vs
 #: 0.339, caption recall 0.46 vs 0.28, VQA 0.422 vs 0.403, METEOR 0.172 vs 0.139 (README).

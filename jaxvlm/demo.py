@@ -8,7 +8,7 @@
 5. write PNGs: predicted boxes, attention over the image, a logit-lens heatmap.
 
     jaxvlm demo --out out/demo              # uses the shipped checkpoint
-    jaxvlm demo --out out/demo --train      # retrains it from scratch (stage 0 + 1400 steps; 8.5 min on 2 cores)
+    jaxvlm demo --out out/demo --train      # retrains it from scratch (stage 0 + 1400 steps; 13 min on 2 cores)
 """
 from __future__ import annotations
 

@@ -82,6 +82,18 @@ def test_too_few_images_is_a_clear_error(targets):
         DV.pretrain_vision(TOWER, -2, few, steps=1, progress=False)
 
 
+@pytest.mark.parametrize("bad, match", [(dict(object_weight=0.0), "object_weight must be > 0"),
+                                        (dict(box_bins=1), "box_bins must be 0"),
+                                        (dict(box_bins=-3), "box_bins must be 0")])
+def test_bad_loss_settings_are_clear_errors(targets, bad, match):
+    with pytest.raises(ValueError, match=match):
+        DV.pretrain_vision(TOWER, -2, targets, steps=1, progress=False, **bad)
+
+
+def log_softmax(x):
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def test_object_weight_reweights_object_patches_against_background():
     rng = np.random.default_rng(0)
     nc, nco = 3, 2
@@ -91,8 +103,7 @@ def test_object_weight_reweights_object_patches_against_background():
     t_box = rng.uniform(size=(2, 5, 4))
 
     def ce(logits, t):
-        lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        return -np.take_along_axis(lp, t[..., None], -1)[..., 0]
+        return -np.take_along_axis(log_softmax(logits), t[..., None], -1)[..., 0]
 
     obj = t_cat < nc
     for w in (1.0, 5.0):
@@ -117,8 +128,7 @@ def test_box_bins_classify_each_coordinate():
     logits = rng.normal(size=(1, 4, 4, bins))
     lc, lco = rng.normal(size=(1, 4, nc + 1)), rng.normal(size=(1, 4, 3))
     total, parts = DV.dense_loss(lc, lco, logits, t_cat, t_col, t_box, nc, box_bins=bins)
-    lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    per_patch = -lp[0, :, np.arange(4), [0, 3, 6, 6]].T.sum(-1)                   # [patches]
+    per_patch = -log_softmax(logits)[0, :, np.arange(4), [0, 3, 6, 6]].T.sum(-1)                   # [patches]
     np.testing.assert_allclose(float(parts["box_ce"]), per_patch[[0, 2]].mean(), rtol=1e-5)  # object patches only
     np.testing.assert_allclose(float(total), float(parts["category_ce"] + parts["colour_ce"] + parts["box_ce"]),
                                rtol=1e-6)
