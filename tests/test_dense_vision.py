@@ -84,7 +84,8 @@ def test_too_few_images_is_a_clear_error(targets):
 
 @pytest.mark.parametrize("bad, match", [(dict(object_weight=0.0), "object_weight must be > 0"),
                                         (dict(box_bins=1), "box_bins must be 0"),
-                                        (dict(box_bins=-3), "box_bins must be 0")])
+                                        (dict(box_bins=-3), "box_bins must be 0"),
+                                        (dict(box_weight=-0.5), "box_weight must be >= 0")])
 def test_bad_loss_settings_are_clear_errors(targets, bad, match):
     with pytest.raises(ValueError, match=match):
         DV.pretrain_vision(TOWER, -2, targets, steps=1, progress=False, **bad)
@@ -132,6 +133,11 @@ def test_box_bins_classify_each_coordinate():
     np.testing.assert_allclose(float(parts["box_ce"]), per_patch[[0, 2]].mean(), rtol=1e-5)  # object patches only
     np.testing.assert_allclose(float(total), float(parts["category_ce"] + parts["colour_ce"] + parts["box_ce"]),
                                rtol=1e-6)
+    # box_weight scales the box term only; the reported box_ce stays unweighted
+    total_w, parts_w = DV.dense_loss(lc, lco, logits, t_cat, t_col, t_box, nc, box_bins=bins, box_weight=0.25)
+    np.testing.assert_allclose(float(parts_w["box_ce"]), float(parts["box_ce"]), rtol=1e-6)
+    np.testing.assert_allclose(float(total_w), float(parts["category_ce"] + parts["colour_ce"]
+                                                     + 0.25 * parts["box_ce"]), rtol=1e-6)
     # the estimate is the centre of the most likely bin
     np.testing.assert_allclose(DV.box_estimate(logits, bins), (logits.argmax(-1) + 0.5) / bins)
 

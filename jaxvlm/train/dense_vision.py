@@ -126,9 +126,9 @@ def box_estimate(box_pred, bins: int):
 
 
 def dense_loss(logits_cat, logits_col, box_pred, t_cat, t_col, t_box, num_categories: int,
-               object_weight: float = 1.0, box_bins: int = 0):
+               object_weight: float = 1.0, box_bins: int = 0, box_weight: float = 1.0):
     """Cross-entropy on category and colour (background included); on object patches, L1 on the box
-    or, with `box_bins`, cross-entropy on each coordinate's bin (summed over the 4).
+    or, with `box_bins`, cross-entropy on each coordinate's bin (summed over the 4), times `box_weight`.
 
     object_weight: an object patch's cross-entropy weight relative to a background patch's (the
     weights are normalised to mean 1 per batch). Most patches are background, and telling background
@@ -145,22 +145,24 @@ def dense_loss(logits_cat, logits_col, box_pred, t_cat, t_col, t_box, num_catego
     else:
         per_patch, name = jnp.abs(box_pred - t_box).sum(-1), "box_l1"
     box = (per_patch * obj).sum() / jnp.maximum(obj.sum(), 1.0)
-    return ce_cat + ce_col + box, dict(category_ce=ce_cat, colour_ce=ce_col, **{name: box})
+    return ce_cat + ce_col + box_weight * box, dict(category_ce=ce_cat, colour_ce=ce_col, **{name: box})
 
 
 def pretrain_vision(cfg: CLIPVisionConfig, feature_layer: int, targets: DenseTargets, *, steps: int = 1000,
                     batch: int = 32, lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.01,
-                    object_weight: float = 1.0, box_bins: int = 0, seed: int = 0, eval_every: int = 200,
+                    object_weight: float = 1.0, box_bins: int = 0, box_weight: float = 1.0, seed: int = 0, eval_every: int = 200,
                     holdout: int = 200, progress: bool = True) -> tuple[dict, list[dict]]:
     """Train the tower on `targets`; returns (the `vision_tower` params, history).
 
-    object_weight, box_bins: see `dense_loss`. The last `holdout` images (at most a fifth) are held
+    object_weight, box_bins, box_weight: see `dense_loss`. The last `holdout` images (at most a fifth) are held
     out; history rows give the held-out per-object-patch category and colour accuracy and mean box
     error (fraction of the image side) every `eval_every`.
     """
     if not object_weight > 0:
         raise ValueError(f"object_weight must be > 0 (an object patch's weight relative to background), "
                          f"got {object_weight}")
+    if not box_weight >= 0:
+        raise ValueError(f"box_weight must be >= 0 (the box loss's weight), got {box_weight}")
     if box_bins < 0 or box_bins == 1:
         raise ValueError(f"box_bins must be 0 (regress the box) or >= 2 (classify each coordinate), got {box_bins}")
     n = len(targets.pixels)
@@ -179,7 +181,7 @@ def pretrain_vision(cfg: CLIPVisionConfig, feature_layer: int, targets: DenseTar
     @jax.jit
     def step(p, s, px, c, co, b):
         def loss(p):
-            return dense_loss(*model.apply({"params": p}, px), c, co, b, nc, object_weight, box_bins)
+            return dense_loss(*model.apply({"params": p}, px), c, co, b, nc, object_weight, box_bins, box_weight)
         (_, parts), g = jax.value_and_grad(loss, has_aux=True)(p)
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s, parts
