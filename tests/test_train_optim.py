@@ -44,6 +44,14 @@ def test_reverse_style_groups():
     assert lr_l == pytest.approx(2e-4, rel=1e-3) and lr_p == pytest.approx(2e-5, rel=1e-3)
 
 
+@pytest.mark.parametrize("lr", [None, 1e-3])
+def test_group_matching_no_parameter_is_a_clear_error(lr):
+    # "vision_tower/.*" misses the "base/" prefix: the tower would silently keep the default lr
+    cfg = O.OptimConfig(groups=(O.Group("tower", r"vision_tower/.*", lr),), default_lr=1e-4, schedule="constant")
+    with pytest.raises(ValueError, match=r"\[\('tower', 'vision_tower/\.\*'\)\] match no parameter.*'base/"):
+        O.make_optimizer(cfg, toy_params())
+
+
 def test_schedules():
     cfg = O.OptimConfig(default_lr=1.0, warmup_steps=10, total_steps=110, end_lr_ratio=0.1)
     s = O.make_schedule(cfg, 1.0)

@@ -79,15 +79,26 @@ def make_schedule(cfg: OptimConfig, peak: float) -> optax.Schedule:
 
 
 def group_labels(cfg: OptimConfig, params: Any) -> Any:
+    """Each parameter's group name (the first group whose pattern full-matches its path), FROZEN, or
+    "default". A group that matches no parameter is an error: a mistyped pattern would otherwise
+    silently leave the default learning rate (or no freeze) in place."""
     compiled = [(g, re.compile(g.pattern)) for g in cfg.groups]
+    hit: set[str] = set()
 
     def label(path, _):
         p = path_str(path)
         for g, rx in compiled:
             if rx.fullmatch(p):
+                hit.add(g.name)
                 return g.name if g.lr is not None else FROZEN
         return "default" if cfg.default_lr is not None else FROZEN
-    return jax.tree.map_with_path(label, params)
+    labels = jax.tree.map_with_path(label, params)
+    missed = [(g.name, g.pattern) for g in cfg.groups if g.name not in hit]
+    if missed:
+        example = path_str(jax.tree_util.tree_flatten_with_path(params)[0][0][0]) if jax.tree.leaves(params) else None
+        raise ValueError(f"optimizer group(s) {missed} match no parameter (patterns are full-matched against "
+                         f"'/'-joined paths such as {example!r})")
+    return labels
 
 
 def mask_rows(masks: Mapping[str, tuple[int, np.ndarray]]) -> optax.GradientTransformation:
