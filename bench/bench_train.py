@@ -30,10 +30,32 @@ from jaxvlm.train.step import StepShardings, make_train_step, vlm_lm_loss
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import alternate, emit, median_ratio  # noqa: E402
 
-TEXT = dict(vocab_size=32000, hidden_size=640, intermediate_size=1728, num_layers=10, num_heads=10, num_kv_heads=10,
-            max_position_embeddings=2048)
-VISION = dict(hidden_size=384, intermediate_size=1536, num_layers=6, num_heads=6, image_size=224, patch_size=32)
-IMG = 31999
+#: "100m": the ~100M LLaVA-shaped model; "demo": `configs/shapes_llava.py`'s ~2M model (4 unrolled layers,
+#: GQA 6/2, vocab 1024, 112 px / 16 px patches), where fixed per-op costs weigh more than the GEMMs.
+SHAPES = {
+    "100m": dict(text=dict(vocab_size=32000, hidden_size=640, intermediate_size=1728, num_layers=10, num_heads=10,
+                           num_kv_heads=10, max_position_embeddings=2048),
+                 vision=dict(hidden_size=384, intermediate_size=1536, num_layers=6, num_heads=6, image_size=224,
+                             patch_size=32)),
+    "demo": dict(text=dict(vocab_size=1024, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6,
+                           num_kv_heads=2, max_position_embeddings=512, scan_layers=False),
+                 vision=dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, image_size=112,
+                             patch_size=16)),
+}
+TEXT, VISION = SHAPES["100m"]["text"], SHAPES["100m"]["vision"]
+
+
+def use_shape(name: str) -> None:
+    global TEXT, VISION, IMG
+    TEXT, VISION = SHAPES[name]["text"], SHAPES[name]["vision"]
+    IMG = TEXT["vocab_size"] - 1
+
+
+IMG = TEXT["vocab_size"] - 1
+
+
+def image_tokens() -> int:
+    return (VISION["image_size"] // VISION["patch_size"]) ** 2
 
 
 def make_batch(b: int, t: int, n_img_tokens: int, seed: int = 0) -> dict:
@@ -43,14 +65,15 @@ def make_batch(b: int, t: int, n_img_tokens: int, seed: int = 0) -> dict:
     ids[:, 2:2 + n_img_tokens] = IMG
     labels = np.where(ids == IMG, -100, ids).astype(np.int32)
     return {"input_ids": ids, "attention_mask": np.ones((b, t), np.int32), "labels": labels,
-            "pixel_values": rng.standard_normal((b, 3, 224, 224)).astype(np.float32)}
+            "pixel_values": rng.standard_normal((b, 3, VISION["image_size"], VISION["image_size"])).astype(np.float32)}
 
 
 def bench_jax(batch: dict, steps: int, remat: str) -> dict:
     cfg = LlavaConfig(text=LMConfig(**TEXT, remat=remat), vision=CLIPVisionConfig(**VISION, remat=remat),
                       image_token_id=IMG)
     model = Llava(cfg)
-    ex = (jnp.full((1, cfg.tokens_per_image), IMG, jnp.int32), jnp.zeros((1, 3, 224, 224)))
+    size = VISION["image_size"]
+    ex = (jnp.full((1, cfg.tokens_per_image), IMG, jnp.int32), jnp.zeros((1, 3, size, size)))
     params = jax.jit(lambda k: init_params(model, k, *ex))(jax.random.key(0))
     n_params = count_params(params)
     abstract = jax.eval_shape(lambda p: p, params)
@@ -88,13 +111,13 @@ def bench_torch(batch: dict, steps: int) -> dict:
     text = transformers.LlamaConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
                                     intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_layers"],
                                     num_attention_heads=t["num_heads"], num_key_value_heads=t["num_kv_heads"],
-                                    max_position_embeddings=t["max_position_embeddings"])
+                                    max_position_embeddings=t["max_position_embeddings"], rope_theta=10000.0)
     v = VISION
     vision = transformers.CLIPVisionConfig(hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
                                            num_hidden_layers=v["num_layers"], num_attention_heads=v["num_heads"],
                                            image_size=v["image_size"], patch_size=v["patch_size"])
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMG,
-                                   image_seq_length=(224 // 32) ** 2, vision_feature_layer=-2,
+                                   image_seq_length=image_tokens(), vision_feature_layer=-2,
                                    vision_feature_select_strategy="default")
     model = transformers.LlavaForConditionalGeneration(cfg).train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -124,21 +147,23 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2, help="rounds (one jax and one torch process each)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="100m", help="model shape (demo: the shapes-world recipe's)")
     ap.add_argument("--side", choices=("jax", "torch", "jax_remat"), help=argparse.SUPPRESS)   # child process
     args = ap.parse_args()
+    use_shape(args.shape)
     if args.side:
-        batch = make_batch(args.batch, args.seq, (224 // 32) ** 2)
+        batch = make_batch(args.batch, args.seq, image_tokens())
         r = {"jax": lambda: bench_jax(batch, args.steps, "none"), "torch": lambda: bench_torch(batch, args.steps),
              "jax_remat": lambda: bench_jax(batch, 1, "full")}[args.side]()
         return emit(dict(r, seconds=r["step_s"]))
-    common = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    common = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--shape", args.shape]
     runs = alternate(__file__, common, ("jax", "torch"), args.rounds)
     remat = alternate(__file__, common, ("jax_remat",), 1)["jax_remat"][0]
     jt, tt = [r["step_s"] for r in runs["jax"]], [r["step_s"] for r in runs["torch"]]
     jx, pt = runs["jax"][0], runs["torch"][0]
     tokens = args.batch * args.seq
     out = {
-        "model_params": {"jaxvlm": jx["params"], "torch": pt["params"]},
+        "shape": args.shape, "model_params": {"jaxvlm": jx["params"], "torch": pt["params"]},
         "tokens_per_step": tokens, "rounds": args.rounds,
         "jaxvlm_tokens_per_s": tokens / statistics.median(jt), "torch_tokens_per_s": tokens / statistics.median(tt),
         "ratio_jax_over_torch": median_ratio(tt, jt),
