@@ -207,3 +207,18 @@ def test_unknown_remat_policy_is_a_clear_error():
     assert L.remat_block(L.ViTBlock, "none") is L.ViTBlock
     with pytest.raises(ValueError, match="remat='dot'.*known: \\['dots', 'dots_no_batch', 'full', 'none'\\]"):
         L.remat_block(L.ViTBlock, "dot")
+
+
+def test_linear_matmul_gradients_match_autodiff_of_the_plain_dot():
+    """`Linear`'s custom VJP (kernel gradient as one 2-D GEMM) against autodiff of `x @ kernel`,
+    for 2-D, 3-D and 4-D operands, and under jit."""
+    from jaxvlm.models import layers as L
+    for shape in ((6, 7), (3, 5, 7), (2, 3, 4, 7)):
+        kx, kk = jax.random.split(jax.random.key(len(shape)))
+        x, kern = jax.random.normal(kx, shape), jax.random.normal(kk, (7, 4))
+        np.testing.assert_array_equal(np.asarray(L.linear_matmul(x, kern)), np.asarray(x @ kern))
+        got = jax.jit(jax.grad(lambda x, k: jnp.sin(L.linear_matmul(x, k)).sum(), (0, 1)))(x, kern)
+        want = jax.grad(lambda x, k: jnp.sin(x @ k).sum(), (0, 1))(x, kern)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            assert rel_err(np.asarray(g), np.asarray(w)) < 1e-6, shape

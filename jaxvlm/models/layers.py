@@ -40,6 +40,30 @@ def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
     return nn.with_logical_constraint(x, axes)
 
 
+@jax.custom_vjp
+def linear_matmul(x: Array, kernel: Array) -> Array:
+    """`x [..., in] @ kernel [in, out]`, the forward as a plain dot. Its kernel gradient is one 2-D
+    GEMM over `[prod(...), in]`: left to autodiff, a `[B, T, in]` operand gives a dot that contracts
+    two axes, which XLA CPU runs 2-3x slower (the demo's train step was 0.54x torch, now 0.81x:
+    `bench/bench_train.py --shape demo`). Reshaping in the forward as well cost the seq-1024
+    forward ~5% (layout copies), hence the custom rule."""
+    return jnp.dot(x, kernel)
+
+
+def _linear_matmul_fwd(x, kernel):
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _linear_matmul_bwd(res, g):
+    x, kernel = res
+    dx = jnp.dot(g, kernel.T)
+    dk = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+    return dx, dk.astype(kernel.dtype)
+
+
+linear_matmul.defvjp(_linear_matmul_fwd, _linear_matmul_bwd)
+
+
 class Linear(nn.Module):
     """`y = x @ kernel (+ bias)` with logical axes on the kernel `[in, out]`."""
 
@@ -52,12 +76,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", dense_init(self.axes), (x.shape[-1], self.features), self.param_dtype)
-        # One 2-D GEMM over all leading axes: on a [B, T, in] operand the kernel's gradient contracts
-        # two axes, and XLA CPU runs that 2-3x slower than the same GEMM on [B*T, in] (the demo's
-        # train step: 0.54x torch before this, see bench/bench_train.py --shape demo).
-        lead = x.shape[:-1]
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
-        y = y.reshape(*lead, self.features)
+        y = linear_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", zeros_init(self.axes[1:]), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
