@@ -43,15 +43,13 @@ SHAPES = {
                              patch_size=16)),
 }
 TEXT, VISION = SHAPES["100m"]["text"], SHAPES["100m"]["vision"]
+IMG = TEXT["vocab_size"] - 1      # the image token: the last id
 
 
 def use_shape(name: str) -> None:
     global TEXT, VISION, IMG
     TEXT, VISION = SHAPES[name]["text"], SHAPES[name]["vision"]
     IMG = TEXT["vocab_size"] - 1
-
-
-IMG = TEXT["vocab_size"] - 1
 
 
 def image_tokens() -> int:
@@ -147,7 +145,8 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2, help="rounds (one jax and one torch process each)")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="100m", help="model shape (demo: the shapes-world recipe's)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="100m",
+                    help="model shape (demo: the shapes-world recipe's)")
     ap.add_argument("--side", choices=("jax", "torch", "jax_remat"), help=argparse.SUPPRESS)   # child process
     args = ap.parse_args()
     use_shape(args.shape)

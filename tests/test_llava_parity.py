@@ -210,8 +210,8 @@ def test_unknown_remat_policy_is_a_clear_error():
 
 
 def test_linear_matmul_gradients_match_autodiff_of_the_plain_dot():
-    """`Linear`'s custom VJP (kernel gradient as one 2-D GEMM) against autodiff of `x @ kernel`,
-    for 2-D, 3-D and 4-D operands, and under jit."""
+    """`Linear`'s custom JVP (kernel gradient as one 2-D GEMM) against autodiff of `x @ kernel`,
+    for 2-D, 3-D and 4-D operands, under jit, in forward mode, and with the kernel frozen."""
     from jaxvlm.models import layers as L
     for shape in ((6, 7), (3, 5, 7), (2, 3, 4, 7)):
         kx, kk = jax.random.split(jax.random.key(len(shape)))
@@ -222,3 +222,8 @@ def test_linear_matmul_gradients_match_autodiff_of_the_plain_dot():
         for g, w in zip(got, want):
             assert g.shape == w.shape
             assert rel_err(np.asarray(g), np.asarray(w)) < 1e-6, shape
+        gx = jax.grad(lambda x: jnp.sin(L.linear_matmul(x, kern)).sum())(x)     # kernel constant
+        assert rel_err(np.asarray(gx), np.asarray(want[0])) < 1e-6, shape
+        tx, tk = jax.random.normal(kx, shape), jax.random.normal(kk, (7, 4))
+        _, jv = jax.jvp(L.linear_matmul, (x, kern), (tx, tk))
+        assert rel_err(np.asarray(jv), np.asarray(tx @ kern + x @ tk)) < 1e-6, shape

@@ -50,6 +50,11 @@ def test_group_matching_no_parameter_is_a_clear_error(lr):
     cfg = O.OptimConfig(groups=(O.Group("tower", r"vision_tower/.*", lr),), default_lr=1e-4, schedule="constant")
     with pytest.raises(ValueError, match=r"\[\('tower', 'vision_tower/\.\*'\)\] match no parameter.*'base/"):
         O.make_optimizer(cfg, toy_params())
+    # shadowed: every projector tensor is taken by the first group
+    groups = (O.Group("all", r"base/.*", lr), O.Group("projector", r"base/multi_modal_projector/.*", 1e-3))
+    cfg = O.OptimConfig(groups=groups, default_lr=1e-4, schedule="constant")
+    with pytest.raises(ValueError, match=r"\[\('projector', .*an earlier group takes"):
+        O.make_optimizer(cfg, toy_params())
 
 
 def test_schedules():

@@ -150,12 +150,12 @@ def dense_loss(logits_cat, logits_col, box_pred, t_cat, t_col, t_box, num_catego
 
 def pretrain_vision(cfg: CLIPVisionConfig, feature_layer: int, targets: DenseTargets, *, steps: int = 1000,
                     batch: int = 32, lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.01,
-                    object_weight: float = 1.0, box_bins: int = 0, box_weight: float = 1.0, seed: int = 0, eval_every: int = 200,
-                    holdout: int = 200, progress: bool = True) -> tuple[dict, list[dict]]:
+                    object_weight: float = 1.0, box_bins: int = 0, box_weight: float = 1.0, seed: int = 0,
+                    eval_every: int = 200, holdout: int = 200, progress: bool = True) -> tuple[dict, list[dict]]:
     """Train the tower on `targets`; returns (the `vision_tower` params, history).
 
-    object_weight, box_bins, box_weight: see `dense_loss`. The last `holdout` images (at most a fifth) are held
-    out; history rows give the held-out per-object-patch category and colour accuracy and mean box
+    object_weight, box_bins, box_weight: see `dense_loss`. The last `holdout` images (at most a fifth)
+    are held out; history rows give the held-out per-object-patch category and colour accuracy and mean box
     error (fraction of the image side) every `eval_every`.
     """
     if not object_weight > 0:

@@ -80,24 +80,25 @@ def make_schedule(cfg: OptimConfig, peak: float) -> optax.Schedule:
 
 def group_labels(cfg: OptimConfig, params: Any) -> Any:
     """Each parameter's group name (the first group whose pattern full-matches its path), FROZEN, or
-    "default". A group that matches no parameter is an error: a mistyped pattern would otherwise
-    silently leave the default learning rate (or no freeze) in place."""
+    "default". A group that takes no parameter is an error: a mistyped pattern (or one shadowed by
+    an earlier group) would otherwise silently leave the default learning rate (or no freeze)."""
     compiled = [(g, re.compile(g.pattern)) for g in cfg.groups]
-    hit: set[str] = set()
+    taken: set[int] = set()
 
     def label(path, _):
         p = path_str(path)
-        for g, rx in compiled:
+        for i, (g, rx) in enumerate(compiled):
             if rx.fullmatch(p):
-                hit.add(g.name)
+                taken.add(i)
                 return g.name if g.lr is not None else FROZEN
         return "default" if cfg.default_lr is not None else FROZEN
     labels = jax.tree.map_with_path(label, params)
-    missed = [(g.name, g.pattern) for g in cfg.groups if g.name not in hit]
+    missed = [(g.name, g.pattern) for i, g in enumerate(cfg.groups) if i not in taken]
     if missed:
-        example = path_str(jax.tree_util.tree_flatten_with_path(params)[0][0][0]) if jax.tree.leaves(params) else None
-        raise ValueError(f"optimizer group(s) {missed} match no parameter (patterns are full-matched against "
-                         f"'/'-joined paths such as {example!r})")
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        example = path_str(flat[0][0]) if flat else None
+        raise ValueError(f"optimizer group(s) {missed} match no parameter, or only ones an earlier group takes "
+                         f"(patterns are full-matched against '/'-joined paths such as {example!r})")
     return labels
 
 
