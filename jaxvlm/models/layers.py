@@ -318,19 +318,19 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: fl
     `impl="cudnn"`/`"auto"` uses `jax.nn.dot_product_attention` (fused kernels on GPU) when no
     probabilities are requested.
     causal_blocks: > 1 promises that `mask` is causal over aligned slots (query t sees keys <= t,
-    T == S): queries are split into that many blocks and each skips the keys after its last query,
+    T == S): queries are split into that many near-equal blocks (any T) and each skips the keys after its last query,
     about half the score/softmax work at long T (ignored when probabilities are requested or there
     is no mask). Query rows that see no key at all (left padding) get a different but equally
     meaningless output than without blocks.
     """
     b, t, h, d = q.shape
-    if (causal_blocks > 1 and mask is not None and not return_probs and not kv_heads_major and t == k.shape[1]
-            and t % causal_blocks == 0):
-        c = t // causal_blocks
+    if causal_blocks > 1 and mask is not None and not return_probs and not kv_heads_major and t == k.shape[1]:
+        # Block edges spread evenly (sizes differ by at most one), so any length gets the blocks: a
+        # prime length (e.g. 773) would otherwise fall back to one full attention at twice the work.
+        edges = [round(i * t / causal_blocks) for i in range(causal_blocks + 1)]
         full = jnp.broadcast_to(mask, (mask.shape[0], 1, t, t))
-        outs = [dot_attention(q[:, i * c:(i + 1) * c], k[:, :(i + 1) * c], v[:, :(i + 1) * c],
-                              full[:, :, i * c:(i + 1) * c, :(i + 1) * c], scale=scale, impl=impl)[0]
-                for i in range(causal_blocks)]
+        outs = [dot_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], full[:, :, lo:hi, :hi], scale=scale, impl=impl)[0]
+                for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
         return jnp.concatenate(outs, axis=1), None
     kh, vh = (k, v) if kv_heads_major else (heads_major(k), heads_major(v))
     kvh, s = kh.shape[0] // b, kh.shape[1]
