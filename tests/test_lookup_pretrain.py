@@ -94,3 +94,33 @@ def test_projector_alignment_lowers_its_error_and_checks_the_patch_count(world, 
                             targets.num_categories, targets.num_colours)
     with pytest.raises(ValueError, match="10 patches per image, the model 49"):
         LP.align_projector(model, params, small, tok, COLOURS, NOUNS, steps=1)
+
+
+def test_train_loop_starts_from_given_lm_and_projector_trees(tmp_path, world, tok):
+    """`model.lm_init` / `model.projector_init` replace the random init (lr 0: the export is the files,
+    bit for bit); a tree of another shape is refused by name."""
+    from jaxvlm import demo as D
+    from jaxvlm.conversion.converted import load_converted
+    from jaxvlm.models.params import save_param_tree
+    from jaxvlm.train.config import apply_overrides
+    from jaxvlm.train.loop import llava_config, train
+    tok_dir = tmp_path / "tok"
+    tok.save_pretrained(tok_dir)
+    tiny = ["model.text.hidden_size=32", "model.text.intermediate_size=64", "model.text.num_layers=2",
+            "model.text.num_heads=2", "model.text.num_kv_heads=1", "model.vision.hidden_size=32",
+            "model.vision.intermediate_size=64", "model.vision.num_layers=2", "model.vision.num_heads=2",
+            "data.batch_size=8", "optim.default_lr=0.0", "optim.weight_decay=0.0", "checkpoint.async_save=False"]
+    cfg, _ = D.recipe(tmp_path, world, tok_dir, steps=1, overrides=tuple(tiny), vision=dict(steps=0))
+    lc = llava_config(cfg)
+    ref = init_params(Llava(lc), jax.random.key(7), *example_inputs(lc))
+    lm = save_param_tree(tmp_path / "lm.msgpack", ref["language_model"])
+    proj = save_param_tree(tmp_path / "proj.msgpack", ref["multi_modal_projector"])
+    train(apply_overrides(cfg, [f"model.lm_init={lm}", f"model.projector_init={proj}"]), progress=False)
+    _, params = load_converted(tmp_path / "checkpoint")
+    for part in ("language_model", "multi_modal_projector"):
+        for a, b in zip(jax.tree.leaves(params[part]), jax.tree.leaves(ref[part])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    wide = apply_overrides(cfg, ["model.text.hidden_size=48", "model.text.num_heads=3", f"model.lm_init={lm}",
+                                 f"train.workdir={tmp_path / 'wide'}"])
+    with pytest.raises(ValueError, match=r"LM tensor .* has shape .* the model expects"):
+        train(wide, progress=False)

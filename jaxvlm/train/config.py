@@ -92,6 +92,8 @@ def train_defaults() -> Config:
             init_from=None,              # HF LLaVA dir (config.json + safetensors); None = random init from below
             vision_init=None,            # vision tower params from jaxvlm.train.dense_vision (random init only)
             number_init=False,           # Fourier-code rows for the tokenizer's "0.00".."1.00" tokens (random init only)
+            lm_init=None,                # language_model params from jaxvlm.train.lookup_pretrain (random init only)
+            projector_init=None,         # multi_modal_projector params (lookup_pretrain.align_projector; random init only)
             text=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
                       num_kv_heads=4, max_position_embeddings=2048),
             vision=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=32,

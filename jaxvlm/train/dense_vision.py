@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
 
 from jaxvlm.models.clip import CLIPVision, CLIPVisionConfig
+from jaxvlm.models.params import load_param_tree, save_param_tree
 
 #: A patch is labelled with an object when the object's visible pixels cover this share of it.
 MIN_COVER = 0.15
@@ -221,30 +221,10 @@ def pretrain_vision(cfg: CLIPVisionConfig, feature_layer: int, targets: DenseTar
 
 def save_vision_params(path: str | os.PathLike, params: dict) -> str:
     """Write the tower's params (msgpack), atomically: a failed write leaves no partial file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, params)))
-    os.replace(tmp, path)
-    return path
+    return save_param_tree(path, params)
 
 
 def load_vision_params(path: str | os.PathLike, like: dict) -> dict:
     """Read `save_vision_params`'s file; every array must match `like` (a `vision_tower` tree) in
     path and shape, else a ValueError names the first mismatch."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"vision params file not found: {path}")
-    with open(path, "rb") as f:
-        loaded = serialization.msgpack_restore(f.read())
-    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(like)[0]}
-    got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
-    for k in sorted(set(want) | set(got)):
-        if k not in got:
-            raise ValueError(f"{path}: missing vision tensor {k} (expected shape {want[k]})")
-        if k not in want:
-            raise ValueError(f"{path}: unexpected vision tensor {k} (shape {got[k]}); built for another tower?")
-        if tuple(want[k]) != tuple(got[k]):
-            raise ValueError(f"{path}: vision tensor {k} has shape {tuple(got[k])}, the model expects {tuple(want[k])}")
-    return jax.tree.map(lambda ref, x: np.asarray(x, dtype=ref.dtype), like, loaded)
+    return load_param_tree(path, like, "vision")

@@ -21,7 +21,7 @@ import numpy as np
 from jaxvlm.models.clip import CLIPVisionConfig
 from jaxvlm.models.llama import LMConfig
 from jaxvlm.models.llava import Llava, LlavaConfig
-from jaxvlm.models.params import init_params, logical_axes
+from jaxvlm.models.params import init_params, load_param_tree, logical_axes
 from jaxvlm.train import lora as LO
 from jaxvlm.train import mesh as M
 from jaxvlm.train import optim as O
@@ -183,17 +183,20 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
 
     # --- params: init or HF checkpoint, then new tokens, then LoRA
     if cfg.model.get("init_from"):
-        for key in ("vision_init", "number_init"):
+        for key in ("vision_init", "number_init", "lm_init", "projector_init"):
             if cfg.model.get(key):
                 raise ValueError(f"model.{key} applies to a random init only; it cannot be combined with "
                                  f"model.init_from={cfg.model.init_from!r}")
         params = load_hf_params(cfg.model.init_from, lc)
     else:
         params = jax.jit(lambda k: init_params(Llava(lc), k, *example_inputs(lc)))(k_init)
-        if cfg.model.get("vision_init"):     # a tower pretrained by jaxvlm.train.dense_vision
-            from jaxvlm.train.dense_vision import load_vision_params
-            params = dict(params, vision_tower=jax.tree.map(
-                jnp.asarray, load_vision_params(cfg.model.vision_init, params["vision_tower"])))
+        # Parts trained by an earlier stage replace their random init: the tower (dense_vision), the LM
+        # (lookup_pretrain.pretrain_lookup), the projector (lookup_pretrain.align_projector).
+        for key, part, what in (("vision_init", "vision_tower", "vision"), ("lm_init", "language_model", "LM"),
+                                ("projector_init", "multi_modal_projector", "projector")):
+            if cfg.model.get(key):
+                params = dict(params, **{part: jax.tree.map(
+                    jnp.asarray, load_param_tree(cfg.model[key], params[part], what))})
         if cfg.model.get("number_init"):     # box coordinates start as a smooth code of their value
             from transformers import AutoTokenizer
 
