@@ -94,6 +94,8 @@ def test_projector_alignment_lowers_its_error_and_checks_the_patch_count(world, 
                             targets.num_categories, targets.num_colours)
     with pytest.raises(ValueError, match="10 patches per image, the model 49"):
         LP.align_projector(model, params, small, tok, COLOURS, NOUNS, steps=1)
+    with pytest.raises(ValueError, match="12 categories and 8 colours, but 11 nouns"):
+        LP.align_projector(model, params, targets, tok, COLOURS, NOUNS[:-1], steps=1)
 
 
 def test_train_loop_starts_from_given_lm_and_projector_trees(tmp_path, world, tok):
@@ -124,3 +126,17 @@ def test_train_loop_starts_from_given_lm_and_projector_trees(tmp_path, world, to
                                  f"train.workdir={tmp_path / 'wide'}"])
     with pytest.raises(ValueError, match=r"LM tensor .* has shape .* the model expects"):
         train(wide, progress=False)
+
+
+def test_param_tree_files_round_trip_and_a_failed_write_keeps_the_old_file(tmp_path):
+    from jaxvlm.models.params import load_param_tree, save_param_tree
+    tree = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}, "b": np.ones(4, np.float32)}
+    path = save_param_tree(tmp_path / "t.msgpack", tree)
+    before = open(path, "rb").read()
+    back = load_param_tree(path, tree, "toy")
+    assert np.array_equal(back["a"]["kernel"], tree["a"]["kernel"]) and np.array_equal(back["b"], tree["b"])
+    with pytest.raises(Exception):
+        save_param_tree(path, {"a": object()})                          # not serialisable
+    assert open(path, "rb").read() == before and not (tmp_path / "t.msgpack.tmp").exists()
+    with pytest.raises(ValueError, match=r"missing toy tensor \['c'\]"):
+        load_param_tree(path, {**tree, "c": np.zeros(1, np.float32)}, "toy")

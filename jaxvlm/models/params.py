@@ -40,9 +40,14 @@ def save_param_tree(path: str | os.PathLike, params: dict) -> str:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, params)))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, params)))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):          # no half-written file left beside the (untouched) old one
+            os.remove(tmp)
+        raise
     return path
 
 

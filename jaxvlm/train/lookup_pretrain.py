@@ -16,7 +16,7 @@ for thousands of questions (README, "what blocks the query tasks").
 
 Example:
     >>> lm_params, hist = pretrain_lookup(lc.text, tok, vocab.COLOUR_NAMES, vocab.CATEGORIES, steps=600)
-    >>> proj, hist = align_projector(lc, params | {"language_model": lm_params}, targets, tok,
+    >>> proj, hist = align_projector(Llava(lc), params | {"language_model": lm_params}, targets, tok,
     ...                              vocab.COLOUR_NAMES, vocab.CATEGORIES)
 """
 from __future__ import annotations
@@ -138,6 +138,9 @@ def align_projector(model: Any, params: dict, targets: Any, tokenizer: Any, colo
     targets: `dense_vision.DenseTargets` whose category / colour indices follow `nouns` / `colours`
     (index len(...) = background). Returns (projector params, history with the mean squared error and
     the targets' mean energy, whose ratio is the share left unexplained)."""
+    if (targets.num_categories, targets.num_colours) != (len(nouns), len(colours)):
+        raise ValueError(f"targets index {targets.num_categories} categories and {targets.num_colours} colours, but "
+                         f"{len(nouns)} nouns and {len(colours)} colours were given: the word rows would not line up")
     emb = np.asarray(params["language_model"]["embed_tokens"]["embedding"], np.float32)
     zero = np.zeros((1, emb.shape[1]), np.float32)
     noun_rows = np.concatenate([emb[[word_id(tokenizer, w) for w in nouns]], zero])
