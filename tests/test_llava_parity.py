@@ -202,6 +202,38 @@ def test_segment_block_attention_matches_dense_segment_mask():
     assert rel_err(L.segment_block_attention(q, k, v, ids, 2), ref) > 1e-3
 
 
+def test_slotted_segment_attention_matches_dense_segment_mask():
+    """Each segment in a block of its own (Qwen2.5-VL's window attention): equal to the dense segment
+    mask on every real row, padding rows zero; a buffer too small says so (`fits` false) and leaves
+    every row out rather than mixing segments."""
+    from jaxvlm.models import layers as L
+
+    block, h, kvh, d = 8, 4, 2, 8
+    lengths = [8, 3, 8, 5, 1, 7, 8, 2, 5]               # 47 real rows in 9 segments, then 5 padding rows
+    ids = np.concatenate([np.repeat(np.arange(len(lengths)), lengths), np.full(5, -1)])
+    valid = jnp.asarray(ids >= 0)
+    ids = jnp.asarray(ids)
+    t = len(ids)
+    ks = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(ks[0], (2, t, h, d))
+    k = jax.random.normal(ks[1], (2, t, kvh, d))
+    v = jax.random.normal(ks[2], (2, t, kvh, d))
+    ref, _ = L.dot_attention(q, k, v, (ids[:, None] == ids[None, :])[None, None])
+    run = jax.jit(lambda q, k, v, ids, n: L.slotted_segment_attention(q, k, v, L.segment_slots(ids, valid, block, n)),
+                  static_argnums=4)
+    slots = L.segment_slots(ids, valid, block, 9 * block)
+    assert bool(slots.fits) and int((slots.src < t).sum()) == 47
+    out = np.asarray(run(q, k, v, ids, 9 * block))
+    assert rel_err(out[:, :47], np.asarray(ref)[:, :47]) < 1e-6
+    assert not out[:, 47:].any(), "padding rows get zeros"
+    # 9 segments need 9 blocks: with 8 the flag is down and no row is attended at all
+    small = L.segment_slots(ids, valid, block, 8 * block)
+    assert not bool(small.fits) and int((small.slot < 8 * block).sum()) == 0
+    assert not np.asarray(run(q, k, v, ids, 8 * block)).any()
+    with pytest.raises(ValueError, match="multiple of the block"):
+        L.segment_slots(ids, valid, block, 9 * block + 1)
+
+
 def test_unknown_remat_policy_is_a_clear_error():
     from jaxvlm.models import layers as L
     assert L.remat_block(L.ViTBlock, "none") is L.ViTBlock

@@ -135,6 +135,37 @@ def test_vision_tower_parity(setup, torch_mods):
         assert permuted[0], "the window order should permute the images' patches"
 
 
+def test_window_attention_both_paths_match_hf(setup, torch_mods):
+    """Qwen2.5-VL windows run in blocks of their own when they fit the slot buffer (the batch above) and
+    fall back to 3-block neighbourhoods when they do not (six images of one merge unit: a window each, 4
+    of its 16 slots used); both equal HF's per-window attention."""
+    if setup["variant"] != "qwen2_5_vl":
+        pytest.skip("Qwen2-VL's vision tower has no windows")
+    import jaxvlm.models.layers as L
+    from jaxvlm.models.qwen2_vl import WINDOW_SLACK
+    torch, _ = torch_mods
+    cfg, model, params, hf = setup["cfg"], setup["model"], setup["params"], setup["hf"]
+    vc = cfg.vision
+    rng = np.random.default_rng(3)
+
+    def fits(grid, n):
+        lay = patch_layout(jnp.asarray(grid), n, vc)
+        order = patch_window_order(lay, vc)
+        n_slots = -(-int(n * (1 + WINDOW_SLACK)) // vc.window_patches) * vc.window_patches
+        return bool(L.segment_slots(lay.window[order], lay.valid[order], vc.window_patches, n_slots).fits)
+
+    d = setup["batch"]
+    assert fits(d["grid_p"], d["pix_p"].shape[0]), "the main batch should take the slotted path"
+    grid = np.tile([[1, 2, 2]], (6, 1))
+    pix = rng.standard_normal((24, PATCH_DIM)).astype(np.float32)
+    assert not fits(grid, 24), "six one-window images should overflow the slot buffer"
+    ours = jax.jit(lambda p, x, g: model.apply({"params": p}, x, g, method=lambda m, x, g: m.encode(x, g)[0].merged))(
+        params, jnp.asarray(pix), jnp.asarray(grid))
+    with torch.no_grad():
+        ref = hf.model.visual(torch.tensor(pix), grid_thw=torch.tensor(grid)).pooler_output.numpy()
+    assert rel_err(ours, ref) < TOL
+
+
 def test_lm_parity(setup, torch_mods):
     torch, _ = torch_mods
     d, cfg, hf, out = setup["batch"], setup["cfg"], setup["hf"], setup["out"]

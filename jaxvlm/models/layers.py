@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+import flax.struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -394,6 +395,61 @@ def segment_block_attention(q: Array, k: Array, v: Array, segment_ids: Array, bl
     bias = mask_bias(qid[:, None, :, None] == kid[:, None, None, :])            # [B*n, 1, block, 3*block]
     out, _ = dot_attention(qb, kb, vb, bias, scale=scale)
     return out.reshape(b, n * block, h, d)[:, :t]
+
+
+@flax.struct.dataclass
+class SegmentSlots:
+    """Where the rows of a sequence of contiguous segments (each at most `block` long) sit when every
+    segment starts a block of its own in a buffer of S slots (`segment_slots`): then each block
+    attends only to itself, `block` keys per query, instead of `segment_block_attention`'s `3 * block`.
+
+    src: `[S]` row feeding each slot (T for an empty slot); slot: `[T]` slot of each row (S for rows
+    left out: padding, or every row when the segments need more than S slots); key_bias: `[S/block, 1, 1,
+    block]` additive bias, 0 on filled slots; fits: scalar bool, the segments found room in S slots."""
+
+    src: Array
+    slot: Array
+    key_bias: Array
+    fits: Array
+
+
+def segment_slots(segment_ids: Array, valid: Array, block: int, n_slots: int) -> SegmentSlots:
+    """segment_ids/valid: `[T]`; a segment is a run of equal ids (each id one run, at most `block`
+    rows); invalid rows (padding) sit after the valid ones. n_slots: a multiple of `block`. Jittable:
+    the ids may be traced, so whether they fit is a traced flag (`fits`) for the caller to branch on."""
+    if n_slots % block:
+        raise ValueError(f"n_slots {n_slots} must be a multiple of the block {block}")
+    t = segment_ids.shape[0]
+    pos = jnp.arange(t, dtype=jnp.int32)
+    start = jnp.concatenate([jnp.ones(1, bool), segment_ids[1:] != segment_ids[:-1]])
+    rank = jnp.cumsum(start.astype(jnp.int32)) - 1
+    slot = rank * block + pos - jax.lax.cummax(jnp.where(start, pos, 0))
+    fits = jnp.max(jnp.where(valid > 0, rank + 1, 0)) * block <= n_slots
+    slot = jnp.where((valid > 0) & fits, slot, n_slots)
+    src = jnp.full(n_slots, t, jnp.int32).at[slot].set(pos, mode="drop")
+    return SegmentSlots(src=src, slot=slot, key_bias=mask_bias((src < t).reshape(-1, 1, 1, block)), fits=fits)
+
+
+def slotted_segment_attention(q: Array, k: Array, v: Array, slots: SegmentSlots, *,
+                              scale: float | None = None) -> Array:
+    """Bidirectional attention within segments laid out by `segment_slots`: rows are gathered into
+    their segment's block, each block attends to itself, and the outputs are gathered back. Equal to
+    `dot_attention` with the dense segment mask on the rows that have a slot; rows without one (padding,
+    or all rows when `slots.fits` is false: branch on it) get zeros.
+
+    q/k/v: `[B, T, H|K, D]` (the same layout for every batch row). Returns `[B, T, H, D]`."""
+    b, t, h, d = q.shape
+    block = slots.key_bias.shape[-1]
+    n = slots.src.shape[0] // block
+
+    def gather(x: Array) -> Array:              # [B, T, K, D] -> [B*n, block, K, D]; T indexes a zero row
+        x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+        return x[:, slots.src].reshape(b * n, block, *x.shape[2:])
+
+    bias = jnp.broadcast_to(slots.key_bias[None], (b, n, 1, 1, block)).reshape(b * n, 1, 1, block)
+    out, _ = dot_attention(gather(q), gather(k), gather(v), bias, scale=scale)
+    out = out.reshape(b, n * block, h, d)
+    return jnp.concatenate([out, jnp.zeros_like(out[:, :1])], axis=1)[:, slots.slot]
 
 
 def mask_bias(mask: Array) -> Array:

@@ -278,10 +278,25 @@ class QwenVisionOutput:
 VISION_AXES = dict(embed_axis="vision_embed", mlp_axis="vision_mlp")
 
 
+@flax.struct.dataclass
+class Windows:
+    """Qwen2.5-VL's window layout of the (window-ordered) patches, built once per tower call:
+    `ids` `[N]` window of each patch, `slots` each window in a block of its own (`L.segment_slots`)."""
+
+    ids: Array
+    slots: L.SegmentSlots
+
+
+#: Slots for window attention, as a share of the patch count: windows cut by the image edge leave
+#: their block partly empty (448 px: none; 644 x 476 px: 23%), and layouts needing more room fall
+#: back to `segment_block_attention` (3 blocks of keys per query instead of 1, ~3x the work).
+WINDOW_SLACK = 0.25
+
+
 class VisionAttention(nn.Module):
     """Bidirectional attention with fused `qkv` (HF's layout) and 2-D rotary, restricted to a frame
-    (dense, with the frame bias) or, when `window_ids` are given and `full` is false, to a window
-    (blocked: patches arrive window-ordered, see `segment_block_attention`)."""
+    (dense, with the frame bias) or, when `windows` are given and `full` is false, to a window
+    (patches arrive window-ordered: each window in a block of slots, see `L.slotted_segment_attention`)."""
 
     num_heads: int
     window_block: int = 0
@@ -289,7 +304,7 @@ class VisionAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, frame_bias: Array, window_ids: Array | None = None,
+    def __call__(self, x: Array, cos: Array, sin: Array, frame_bias: Array, windows: Windows | None = None,
                  full: Array | bool = True) -> Array:
         b, n, d = x.shape
         kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -300,10 +315,12 @@ class VisionAttention(nn.Module):
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
         q, k = L.apply_rotary(q, cos, sin), L.apply_rotary(k, cos, sin)
         dense = lambda q, k, v: L.dot_attention(q, k, v, frame_bias)[0]
-        if window_ids is None:
+        if windows is None:
             out = dense(q, k, v)
         else:
-            windowed = lambda q, k, v: L.segment_block_attention(q, k, v, window_ids, self.window_block)
+            slotted = lambda q, k, v: L.slotted_segment_attention(q, k, v, windows.slots)
+            blocked = lambda q, k, v: L.segment_block_attention(q, k, v, windows.ids, self.window_block)
+            windowed = lambda q, k, v: jax.lax.cond(windows.slots.fits, slotted, blocked, q, k, v)
             out = jax.lax.cond(full, dense, windowed, q, k, v)
         return L.Linear(d, ("vision_heads", "vision_embed"), name="proj", **kw)(out.reshape(b, n, d))
 
@@ -315,13 +332,13 @@ class VisionBlock(nn.Module):
     output_hidden_states: bool = False
 
     @nn.compact
-    def __call__(self, h: Array, cos, sin, frame_bias, window_ids, full):
+    def __call__(self, h: Array, cos, sin, frame_bias, windows, full):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kind = "layer" if cfg.variant == "qwen2_vl" else "rms"
         x = L.make_norm(kind, cfg.norm_eps, dt, pdt, "norm1", "vision_embed")(h)
         h = h + VisionAttention(cfg.num_heads, cfg.window_patches, dt, pdt, name="attn")(
-            x, cos, sin, frame_bias, window_ids, full)
+            x, cos, sin, frame_bias, windows, full)
         x = L.make_norm(kind, cfg.norm_eps, dt, pdt, "norm2", "vision_embed")(h)
         if cfg.variant == "qwen2_vl":
             mlp = L.MLP(cfg.intermediate_size, act=cfg.hidden_act, dtype=dt, param_dtype=pdt, name="mlp", **VISION_AXES)
@@ -380,10 +397,14 @@ class QwenVisionTower(nn.Module):
         cos, sin = L.rope_cos_sin(pos, np.concatenate([inv, inv]), 1.0, (len(inv), len(inv)))
         # The frame bias is built once, outside the layer scan (see `layers.dot_attention`).
         frame_bias = L.mask_bias((frame[:, None] == frame[None, :])[None, None])   # [1, 1, N, N]
-        window_ids = None if cfg.window_units is None else window
+        windows = None
+        if cfg.window_units is not None:
+            block = cfg.window_patches
+            n_slots = -(-int(n * (1 + WINDOW_SLACK)) // block) * block
+            windows = Windows(ids=window, slots=L.segment_slots(window, layout.valid[order], block, n_slots))
         stack = L.scan_layers(L.remat_block(VisionBlock, cfg.remat), cfg.num_layers, in_axes=(nn.broadcast,) * 4 + (0,))
         h, ys = stack(cfg, output_hidden_states, name="blocks")(
-            x, cos, sin, frame_bias, window_ids, jnp.asarray(cfg.full_attention_flags))
+            x, cos, sin, frame_bias, windows, jnp.asarray(cfg.full_attention_flags))
         if cfg.window_units is not None:
             inverse = jnp.argsort(order)
             x, h = x[:, inverse], h[:, inverse]
