@@ -8,7 +8,8 @@ position) and the M-RoPE index are computed on device from the grids, so one com
 serves any image layout with the same padded shapes. HF's `cu_seqlens` (attention restricted to
 one frame of one image) becomes a segment-id mask; Qwen2.5-VL's window attention is the same
 mask with window ids. The tower reorders patches by window as HF does (`window_order`) so that
-window attention runs in blocks instead of over a dense N x N mask, and undoes the order after.
+each window is contiguous and can take a block of slots of its own (`Windows`: one block of keys per
+query instead of a dense N x N mask), and undoes the order after.
 
 Example:
     >>> cfg = Qwen2VLConfig.from_hf(hf_config)                    # Qwen2-VL or Qwen2.5-VL
