@@ -141,8 +141,7 @@ def test_window_attention_both_paths_match_hf(setup, torch_mods):
     of its 16 slots used); both equal HF's per-window attention."""
     if setup["variant"] != "qwen2_5_vl":
         pytest.skip("Qwen2-VL's vision tower has no windows")
-    import jaxvlm.models.layers as L
-    from jaxvlm.models.qwen2_vl import WINDOW_SLACK
+    from jaxvlm.models.qwen2_vl import vision_windows
     torch, _ = torch_mods
     cfg, model, params, hf = setup["cfg"], setup["model"], setup["params"], setup["hf"]
     vc = cfg.vision
@@ -150,9 +149,7 @@ def test_window_attention_both_paths_match_hf(setup, torch_mods):
 
     def fits(grid, n):
         lay = patch_layout(jnp.asarray(grid), n, vc)
-        order = patch_window_order(lay, vc)
-        n_slots = -(-int(n * (1 + WINDOW_SLACK)) // vc.window_patches) * vc.window_patches
-        return bool(L.segment_slots(lay.window[order], lay.valid[order], vc.window_patches, n_slots).fits)
+        return bool(vision_windows(lay, patch_window_order(lay, vc), vc).slots.fits)
 
     d = setup["batch"]
     assert fits(d["grid_p"], d["pix_p"].shape[0]), "the main batch should take the slotted path"

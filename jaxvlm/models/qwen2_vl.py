@@ -294,6 +294,16 @@ class Windows:
 WINDOW_SLACK = 0.25
 
 
+def vision_windows(layout: PatchLayout, order: Array, cfg: QwenVisionConfig) -> Windows:
+    """The windows of the patches taken in `order` (`patch_window_order`), each given a block of
+    `window_patches` slots in a buffer of the patch count plus `WINDOW_SLACK`. `slots.fits` says
+    whether this layout found room (else the tower falls back to `segment_block_attention`)."""
+    block = cfg.window_patches
+    n_slots = -(-int(order.shape[0] * (1 + WINDOW_SLACK)) // block) * block
+    ids = layout.window[order]
+    return Windows(ids=ids, slots=L.segment_slots(ids, layout.valid[order], block, n_slots))
+
+
 class VisionAttention(nn.Module):
     """Bidirectional attention with fused `qkv` (HF's layout) and 2-D rotary, restricted to a frame
     (dense, with the frame bias) or, when `windows` are given and `full` is false, to a window
@@ -385,24 +395,20 @@ class QwenVisionTower(nn.Module):
             raise ValueError(f"the padded patch count {n} must be a multiple of merge_size^2 = {cfg.merge_unit}")
         x = L.Linear(cfg.hidden_size, ("vision_patch", "vision_embed"), dtype=dt, param_dtype=pdt,
                      name="patch_embed")(pixel_values.astype(dt))[None]          # [1, N, Dv]
-        hpos, wpos, frame, window = layout.hpos, layout.wpos, layout.frame, layout.window
+        hpos, wpos, frame = layout.hpos, layout.wpos, layout.frame
         if cfg.window_units is not None:
-            # HF's window reordering: each window becomes contiguous, so window attention runs in
-            # blocks (3 * window keys per query instead of N); undone after the last block.
+            # HF's window reordering: each window becomes contiguous, so it can take a block of slots
+            # of its own (`vision_windows`: one window of keys per query instead of N); undone after
+            # the last block.
             order = patch_window_order(layout, cfg)
-            x, hpos, wpos, frame, window = (a[..., order, :] if a.ndim == 3 else a[order]
-                                            for a in (x, hpos, wpos, frame, window))
+            x, hpos, wpos, frame = (a[..., order, :] if a.ndim == 3 else a[order] for a in (x, hpos, wpos, frame))
         # 2-D rotary = M-RoPE with two axes (h, w) over the same head_dim/4 frequencies.
         inv = L.rope_inv_freq(cfg.head_dim // 2, cfg.rope_theta)[0]
         pos = jnp.stack([hpos, wpos])[:, None]                                      # [2, 1, N]
         cos, sin = L.rope_cos_sin(pos, np.concatenate([inv, inv]), 1.0, (len(inv), len(inv)))
         # The frame bias is built once, outside the layer scan (see `layers.dot_attention`).
         frame_bias = L.mask_bias((frame[:, None] == frame[None, :])[None, None])   # [1, 1, N, N]
-        windows = None
-        if cfg.window_units is not None:
-            block = cfg.window_patches
-            n_slots = -(-int(n * (1 + WINDOW_SLACK)) // block) * block
-            windows = Windows(ids=window, slots=L.segment_slots(window, layout.valid[order], block, n_slots))
+        windows = None if cfg.window_units is None else vision_windows(layout, order, cfg)
         stack = L.scan_layers(L.remat_block(VisionBlock, cfg.remat), cfg.num_layers, in_axes=(nn.broadcast,) * 4 + (0,))
         h, ys = stack(cfg, output_hidden_states, name="blocks")(
             x, cos, sin, frame_bias, windows, jnp.asarray(cfg.full_attention_flags))
