@@ -230,6 +230,10 @@ def test_slotted_segment_attention_matches_dense_segment_mask():
     small = L.segment_slots(ids, valid, block, 8 * block)
     assert not bool(small.fits) and int((small.slot < 8 * block).sum()) == 0
     assert not np.asarray(run(q, k, v, ids, 8 * block)).any()
+    # a segment longer than the block would spill into its neighbour's block: not fitting, however many slots
+    long = jnp.asarray(np.repeat([0, 1], [block + 1, 3]))
+    assert not bool(L.segment_slots(long, jnp.ones(block + 4, bool), block, 4 * block).fits)
+    assert bool(L.segment_slots(long[1:], jnp.ones(block + 3, bool), block, 4 * block).fits)
     with pytest.raises(ValueError, match="multiple of the block"):
         L.segment_slots(ids, valid, block, 9 * block + 1)
 

@@ -414,17 +414,22 @@ class SegmentSlots:
 
 
 def segment_slots(segment_ids: Array, valid: Array, block: int, n_slots: int) -> SegmentSlots:
-    """segment_ids/valid: `[T]`; a segment is a run of equal ids (each id one run, at most `block`
-    rows); invalid rows (padding) sit after the valid ones. n_slots: a multiple of `block`. Jittable:
-    the ids may be traced, so whether they fit is a traced flag (`fits`) for the caller to branch on."""
+    """segment_ids/valid: `[T]`; a segment is a run of equal ids (each id must be one run: a split id
+    becomes two segments); invalid rows (padding) sit after the valid ones. n_slots: a multiple of
+    `block`. Jittable: the ids may be traced, so whether they fit (enough slots, no segment longer
+    than `block`) is a traced flag (`fits`) for the caller to branch on."""
     if n_slots % block:
         raise ValueError(f"n_slots {n_slots} must be a multiple of the block {block}")
     t = segment_ids.shape[0]
     pos = jnp.arange(t, dtype=jnp.int32)
     start = jnp.concatenate([jnp.ones(1, bool), segment_ids[1:] != segment_ids[:-1]])
     rank = jnp.cumsum(start.astype(jnp.int32)) - 1
-    slot = rank * block + pos - jax.lax.cummax(jnp.where(start, pos, 0))
-    fits = jnp.max(jnp.where(valid > 0, rank + 1, 0)) * block <= n_slots
+    offset = pos - jax.lax.cummax(jnp.where(start, pos, 0))          # row's place in its segment
+    slot = rank * block + offset
+    # A segment longer than `block` would spill into the next segment's block: report it as not
+    # fitting, so the caller takes its other path instead of mixing segments.
+    fits = ((jnp.max(jnp.where(valid > 0, rank + 1, 0)) * block <= n_slots)
+            & jnp.all(jnp.where(valid > 0, offset, 0) < block))
     slot = jnp.where((valid > 0) & fits, slot, n_slots)
     src = jnp.full(n_slots, t, jnp.int32).at[slot].set(pos, mode="drop")
     return SegmentSlots(src=src, slot=slot, key_bias=mask_bias((src < t).reshape(-1, 1, 1, block)), fits=fits)
@@ -442,14 +447,13 @@ def slotted_segment_attention(q: Array, k: Array, v: Array, slots: SegmentSlots,
     block = slots.key_bias.shape[-1]
     n = slots.src.shape[0] // block
 
-    def gather(x: Array) -> Array:              # [B, T, K, D] -> [B*n, block, K, D]; T indexes a zero row
-        x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
-        return x[:, slots.src].reshape(b * n, block, *x.shape[2:])
+    def take(x: Array, rows: Array) -> Array:  # rows of x [B, R, ...]; index R picks a zero row
+        return jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)[:, rows]
 
+    gather = lambda x: take(x, slots.src).reshape(b * n, block, *x.shape[2:])  # noqa: E731
     bias = jnp.broadcast_to(slots.key_bias[None], (b, n, 1, 1, block)).reshape(b * n, 1, 1, block)
     out, _ = dot_attention(gather(q), gather(k), gather(v), bias, scale=scale)
-    out = out.reshape(b, n * block, h, d)
-    return jnp.concatenate([out, jnp.zeros_like(out[:, :1])], axis=1)[:, slots.slot]
+    return take(out.reshape(b, n * block, h, d), slots.slot)
 
 
 def mask_bias(mask: Array) -> Array:
