@@ -2,13 +2,15 @@
 
 1. generate the synthetic shapes world (cached) and its BPE tokenizer;
 2. train the tiny LLaVA recipe (`configs/shapes_llava.py`) through the sharded train loop, or use
-   the checkpoint that recipe produced (`assets/shapes_llava/`, reproduced by `--train`);
+   the checkpoint that recipe produced (`assets/shapes_llava/`, reproduced by `--train`); with
+   `--family qwen2_5_vl`, the tiny Qwen2.5-VL recipe (`configs/shapes_qwen2_vl.py`, always trained);
 3. decode the test split with `jaxvlm generate` (captions, VQA, POPE adversarial, REC, REG);
 4. score it with `jaxvlm eval` (CHAIR, POPE, VQA accuracy, REC Acc@0.5, METEOR) beside baselines;
 5. write PNGs: predicted boxes, attention over the image, a logit-lens heatmap.
 
     jaxvlm demo --out out/demo              # uses the shipped checkpoint
     jaxvlm demo --out out/demo --train      # retrains it from scratch (stage 0 + 1400 steps; 13 min on 2 cores)
+    jaxvlm demo --out out/demo_qwen --family qwen2_5_vl     # the Qwen2.5-VL recipe, trained from scratch
 """
 from __future__ import annotations
 
@@ -27,10 +29,18 @@ ASSET = REPO / "assets" / "shapes_llava"
 
 # The world the shipped checkpoint was trained on (deterministic from the seed).
 WORLD = dict(seed=0, n_train=3000, n_val=50, n_test=100, image_size=112)
+#: `--family` -> the recipe's config file under configs/ (the LLaVA one has a shipped checkpoint).
+RECIPES = {"llava": "shapes_llava.py", "qwen2_5_vl": "shapes_qwen2_vl.py"}
+#: The token ids each recipe fixes, by the shapes tokenizer's token they must name.
+RECIPE_TOKENS = {"llava": {"image_token_id": "<image>"},
+                 "qwen2_5_vl": {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                                "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/demo", help="output directory (world, predictions, report, PNGs)")
+    p.add_argument("--family", choices=sorted(RECIPES), default="llava",
+                   help="which tiny VLM: LLaVA (shipped checkpoint) or Qwen2.5-VL (trained by the run)")
     p.add_argument("--train", action="store_true", help="train from scratch instead of using the shipped checkpoint")
     p.add_argument("--steps", type=int, default=None, help="train steps (default: the recipe's)")
     p.add_argument("--vision-steps", type=int, default=None,
@@ -67,16 +77,22 @@ def stage0_settings(args: argparse.Namespace) -> dict:
 
 
 def recipe(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None = None,
-           overrides: tuple[str, ...] = (), vision: dict | None = None):
-    """`configs/shapes_llava.py` with this run's paths and overrides -> (train Config, stage-0 settings).
+           overrides: tuple[str, ...] = (), vision: dict | None = None, family: str = "llava"):
+    """The family's recipe (`configs/shapes_llava.py`, `configs/shapes_qwen2_vl.py`) with this run's
+    paths and overrides -> (train Config, stage-0 settings).
 
     vision: stage-0 settings that replace the recipe's `VISION_PRETRAIN` keys (e.g. `{"steps": 0}`).
     The recipe freezes the tower that stage 0 trained; when stage 0 is skipped (`steps` 0) and no
-    `model.vision_init` is given, that freeze is dropped, so a random tower is trained, not frozen."""
+    `model.vision_init` is given, that freeze is dropped, so a random tower is trained, not frozen.
+    The recipe's token ids are checked against the tokenizer in `tok_dir`."""
     import importlib.util
 
+    from transformers import AutoTokenizer
+
     from jaxvlm.train.config import apply_overrides
-    spec = importlib.util.spec_from_file_location("shapes_llava", REPO / "configs" / "shapes_llava.py")
+    if family not in RECIPES:
+        raise ValueError(f"unknown demo family {family!r}; known: {', '.join(sorted(RECIPES))}")
+    spec = importlib.util.spec_from_file_location(RECIPES[family][:-3], REPO / "configs" / RECIPES[family])
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cfg = mod.get_config()
@@ -85,9 +101,15 @@ def recipe(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None = 
     if steps is not None:
         sets.append(f"train.steps={steps}")
     cfg = apply_overrides(cfg, sets + list(overrides))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    for key, token in RECIPE_TOKENS[family].items():
+        if cfg.model[key] != tok.convert_tokens_to_ids(token):
+            raise ValueError(f"{RECIPES[family]}: model.{key}={cfg.model[key]} is not the tokenizer's id of "
+                             f"{token} ({tok.convert_tokens_to_ids(token)}, {tok_dir})")
     vp = {**(getattr(mod, "VISION_PRETRAIN", {}) or {}), **(vision or {})}
     if not vp.get("steps") and not cfg.model.get("vision_init"):
-        kept = [g for g in cfg.optim.groups if not (g["lr"] is None and g["pattern"].startswith("vision_tower"))]
+        kept = [g for g in cfg.optim.groups if not (g["lr"] is None and g["pattern"].startswith(("vision_tower",
+                                                                                                 "visual")))]
         if len(kept) != len(cfg.optim.groups):
             print("[demo] stage 0 skipped: the vision tower is trained with the LM instead of frozen", file=sys.stderr)
             cfg.optim.update(groups=kept)
@@ -95,13 +117,14 @@ def recipe(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None = 
 
 
 def train_model(out: pathlib.Path, world, tok_dir: pathlib.Path, steps: int | None,
-                overrides: tuple[str, ...] = (), vision: dict | None = None) -> tuple[pathlib.Path, dict]:
+                overrides: tuple[str, ...] = (), vision: dict | None = None,
+                family: str = "llava") -> tuple[pathlib.Path, dict]:
     """The recipe: dense vision pretraining on masks (`jaxvlm.train.dense_vision`; skipped when the
     recipe's `VISION_PRETRAIN`, updated by `vision`, says 0 steps), then `jaxvlm.train.loop.train` from
     that tower. Returns (converted checkpoint dir, summary; the pretraining's history under "vision")."""
     from jaxvlm.train.config import apply_overrides
     from jaxvlm.train.loop import train
-    cfg, vp = recipe(out, world, tok_dir, steps, overrides, vision)
+    cfg, vp = recipe(out, world, tok_dir, steps, overrides, vision, family)
     history = None
     if vp.get("steps"):
         path, history = pretrain_tower(out, world, cfg, vp)
@@ -118,12 +141,13 @@ def pretrain_tower(out: pathlib.Path, world, cfg, settings: dict) -> tuple[str, 
     settings: `pretrain_vision`'s keywords, plus `images`: when > 0, stage 0 trains on the masks of a
     world of its own with that many images (`out/vision_world`, the next seed; the stand-in for
     CLIP's separate pretraining data), else on the LM's train split."""
-    from jaxvlm.data.image_processing import LlavaImageProcessor
     from jaxvlm.data.shapes_world import generate_world, vocab
+    from jaxvlm.models.llava import LlavaConfig
     from jaxvlm.train import dense_vision as DV
-    from jaxvlm.train.loop import llava_config
-    lc = llava_config(cfg)
-    layer = lc.vision_feature_layer
+    from jaxvlm.train.loop import image_processor, model_config
+    mc = model_config(cfg)
+    # LLaVA: the layer its projector reads; Qwen2/2.5-VL: the last block (the merger's input).
+    layer = mc.vision_feature_layer if isinstance(mc, LlavaConfig) else -1
     if not isinstance(layer, int):
         raise ValueError(f"dense vision pretraining needs one vision_feature_layer, got {layer!r}")
     print(f"[demo] dense vision pretraining: {settings}", file=sys.stderr)
@@ -131,10 +155,10 @@ def pretrain_tower(out: pathlib.Path, world, cfg, settings: dict) -> tuple[str, 
     images = settings.pop("images", 0)
     if images:
         world = generate_world(out / "vision_world", seed=WORLD["seed"] + 1, n_train=images, n_val=0, n_test=0,
-                               image_size=lc.vision.image_size)
-    targets = DV.patch_targets(world.instances["train"], world.image_dir("train"), LlavaImageProcessor.for_llava(lc),
-                               lc.vision.patch_size, vocab.COLOUR_NAMES)
-    params, history = DV.pretrain_vision(lc.vision, layer, targets, **settings)
+                               image_size=getattr(mc.vision, "image_size", WORLD["image_size"]))
+    targets = DV.patch_targets(world.instances["train"], world.image_dir("train"), image_processor(mc, cfg.data),
+                               mc.vision.patch_size, vocab.COLOUR_NAMES)
+    params, history = DV.pretrain_vision(mc.vision, layer, targets, **settings)
     print(f"[demo] vision pretraining: {history[-1]}", file=sys.stderr)
     path = DV.save_vision_params(out / "vision_pretrain" / "vision_tower.msgpack", params)
     (out / "vision_pretrain" / "history.json").write_text(json.dumps(history, indent=1))
@@ -284,11 +308,11 @@ def pictures(ckpt: pathlib.Path, world, tasks: dict, preds: dict, out: pathlib.P
     import numpy as np
     from PIL import Image
 
-    from jaxvlm.data.chat_templates import encode_prompt, get_template
-    from jaxvlm.generate.cli import load_model
+    from jaxvlm.data.chat_templates import get_template
+    from jaxvlm.generate.cli import DEFAULT_TEMPLATES, encode_request, load_model
     from jaxvlm.viz import save_attention_overlay, save_logit_lens_heatmap
 
-    cfg, model, params, tok, proc, _ = load_model(str(ckpt))
+    cfg, model, params, tok, proc, family = load_model(str(ckpt))
     pngs = []
     rec_q, rec_ann = tasks["rec"]
     pred = {json.loads(line)["question_id"]: json.loads(line)["answer"] for line in open(preds["rec"])}
@@ -302,16 +326,22 @@ def pictures(ckpt: pathlib.Path, world, tasks: dict, preds: dict, out: pathlib.P
     # one forward over a VQA prompt: attention over the image and every layer's logit lens
     vq = tasks["vqa"][0][0]
     image = Image.open(world.image_root / vq["image"]).convert("RGB")
-    pix = proc(image)
-    ids = encode_prompt(get_template("vicuna_v1"), [{"role": "user", "content": "<image>\n" + vq["text"]}], tok,
-                        image_token_id=cfg.image_token_id, image_token_counts=(pix.num_tokens,))
+    ids, pix = encode_request(cfg, tok, proc, get_template(DEFAULT_TEMPLATES[family]), vq["text"], image)
     layer = cfg.text.num_layers - 1
-    o = model.apply({"params": params}, jnp.asarray(ids)[None], jnp.asarray(pix.pixel_values)[None],
-                    output_hidden_states=True, attn_layers=(layer,))
+    kw = dict(output_hidden_states=True, attn_layers=(layer,))
+    if family == "qwen2_vl":     # patch rows + (t, h, w); the image tokens form the merged grid
+        rows, thw = pix
+        o = model.apply({"params": params}, jnp.asarray(ids)[None], jnp.asarray(rows), jnp.asarray(thw)[None], **kw)
+        m = cfg.vision.spatial_merge_size
+        grid, side = (int(thw[1]) // m, int(thw[2]) // m), (int(thw[2]) * cfg.vision.patch_size,
+                                                            int(thw[1]) * cfg.vision.patch_size)
+    else:
+        o = model.apply({"params": params}, jnp.asarray(ids)[None], jnp.asarray(pix)[None], **kw)
+        g = cfg.vision.image_size // cfg.vision.patch_size
+        grid, side = (g, g), (cfg.vision.image_size,) * 2
     img_pos = np.nonzero(np.asarray(o.image_token_mask[0]))[0]
     attn = np.asarray(o.attentions[0, 0, :, -1, :]).mean(0)[img_pos]
-    g = cfg.vision.image_size // cfg.vision.patch_size
-    pngs.append(save_attention_overlay(np.asarray(image.resize((cfg.vision.image_size,) * 2)), attn, (g, g),
+    pngs.append(save_attention_overlay(np.asarray(image.resize(side)), attn, grid,
                                        str(out / "attention_over_image.png"),
                                        title=f"layer {layer}: last prompt token -> image ({vq['text'][:40]}...)"))
     lens = jax.vmap(lambda h: model.apply({"params": params}, h, True, method="logit_lens"))(o.hidden_states)
@@ -411,9 +441,13 @@ def shipped_checkpoint(out: pathlib.Path) -> pathlib.Path:
 
 
 def main(args) -> int:
-    if args.set and (not args.train or args.checkpoint):
+    trains = not args.checkpoint and (args.train or args.family != "llava")   # only LLaVA's checkpoint ships
+    if args.set and not trains:
         raise SystemExit("jaxvlm demo: --set overrides the training recipe, so it needs --train and no --checkpoint "
                          "(a given or shipped checkpoint is used as it is)")
+    if args.save_asset and args.family != "llava":
+        raise SystemExit(f"jaxvlm demo: --save-asset writes {ASSET.relative_to(REPO)}, the LLaVA recipe's checkpoint; "
+                         f"--family {args.family} has no shipped asset")
     t0 = time.perf_counter()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -423,10 +457,10 @@ def main(args) -> int:
     train_summary = None
     if args.checkpoint:
         ckpt = pathlib.Path(args.checkpoint)
-    elif args.train or not (ASSET / "params.safetensors").is_file():
+    elif trains or not (ASSET / "params.safetensors").is_file():
         t = time.perf_counter()
         ckpt, train_summary = train_model(out, world, tok_dir, args.steps, overrides=tuple(args.set),
-                                          vision=stage0_settings(args))
+                                          vision=stage0_settings(args), family=args.family)
         timings["train_s"] = round(time.perf_counter() - t, 1)
         if args.save_asset:
             print(f"[demo] wrote {save_asset(ckpt, tok_dir)}", file=sys.stderr)

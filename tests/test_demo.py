@@ -25,13 +25,13 @@ def trained(tmp_path_factory):
     return out, world, tok, ckpt, summary
 
 
-def supervised_majority_rate(world, tok) -> float:
+def supervised_majority_rate(world, tok, template="vicuna_v1", image_token="<image>") -> float:
     """Accuracy of always predicting the most frequent supervised token (the chance level)."""
     from jaxvlm.data.chat_templates import encode
     from jaxvlm.data.conversation import load_records
     counts = Counter()
     for r in load_records(world.llava["train"]):
-        e = encode("vicuna_v1", r.messages, tok, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        e = encode(template, r.messages, tok, image_token_id=tok.convert_tokens_to_ids(image_token),
                    image_token_counts=(49,))
         counts.update(int(t) for t in e.labels if t >= 0)
     return counts.most_common(1)[0][1] / sum(counts.values())
@@ -138,3 +138,78 @@ def test_set_without_training_is_refused_before_any_work(tmp_path):
         with pytest.raises(SystemExit, match="--set overrides the training recipe"):
             D.main(p.parse_args(["--out", str(tmp_path / "d"), *argv]))
         assert not (tmp_path / "d").exists()
+    with pytest.raises(SystemExit, match="--family qwen2_5_vl has no shipped asset"):
+        D.main(p.parse_args(["--out", str(tmp_path / "d"), "--family", "qwen2_5_vl", "--save-asset"]))
+    assert not (tmp_path / "d").exists()
+
+
+# The Qwen2.5-VL recipe (configs/shapes_qwen2_vl.py), reduced the same way: 8 px patches merged 2 x 2
+# into the same 7 x 7 image tokens, 64 px windows (a full and a partial one per side), full attention
+# in the last block.
+TINY_QWEN = ("model.text.hidden_size=64", "model.text.intermediate_size=128", "model.text.num_layers=2",
+             "model.text.num_heads=4", "model.text.num_kv_heads=2", "model.text.mrope_section=[2,3,3]",
+             "model.vision.hidden_size=32", "model.vision.intermediate_size=64", "model.vision.num_layers=2",
+             "model.vision.num_heads=4", "model.vision.fullatt_block_indexes=[1]", "model.vision.out_hidden_size=64",
+             "data.batch_size=8", "optim.warmup_steps=10", "optim.default_lr=3e-3", "train.log_every=10",
+             "checkpoint.every=10000", "checkpoint.async_save=False")
+
+
+@pytest.fixture(scope="module")
+def trained_qwen(trained, tmp_path_factory):
+    _, world, tok, _, _ = trained                 # the same small world and tokenizer
+    out = tmp_path_factory.mktemp("demo_qwen")
+    ckpt, summary = D.train_model(out, world, trained[0] / "tokenizer", steps=200, overrides=TINY_QWEN,
+                                  vision=dict(steps=30, images=24), family="qwen2_5_vl")
+    return out, world, tok, ckpt, summary
+
+
+def test_tiny_qwen_learns_with_its_stage0_tower_frozen(trained_qwen):
+    out, world, tok, ckpt, summary = trained_qwen
+    logs = [json.loads(line) for line in open(out / "train" / "metrics.jsonl") if '"loss"' in line]
+    losses = [r["loss"] for r in logs]
+    assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
+    chance = supervised_majority_rate(world, tok, "chatml", "<|image_pad|>")
+    assert np.mean([r["accuracy"] for r in logs[-3:]]) > 2 * chance, (logs[-3:], chance)
+    assert summary["vision"][-1]["step"] == 30
+    from jaxvlm.conversion.converted import load_converted
+    from jaxvlm.models.qwen2_vl import Qwen2VLConfig
+    from jaxvlm.train.dense_vision import load_vision_params
+    cfg, params = load_converted(ckpt)
+    assert isinstance(cfg, Qwen2VLConfig) and cfg.vision.window_units == 4 and cfg.vision.spatial_merge_size == 2
+    stage0 = load_vision_params(out / "vision_pretrain" / "vision_tower.msgpack", params["visual"])
+    for part in ("patch_embed", "blocks"):        # frozen after stage 0, bit for bit
+        for a, b in zip(jax.tree.leaves(params["visual"][part]), jax.tree.leaves(stage0[part])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b))     # the merger (Qwen's projector) trained
+             for a, b in zip(jax.tree.leaves(params["visual"]["merger"]), jax.tree.leaves(stage0["merger"]))]
+    assert all(moved)
+    assert (ckpt / "hf_files" / "preprocessor_config.json").is_file()   # generate resizes as training did
+
+
+def test_tiny_qwen_decodes_evaluates_and_draws(trained_qwen):
+    out, world, tok, ckpt, _ = trained_qwen
+    tasks = {}
+    for k, (qs, ann) in D.questions(world, "test").items():
+        qs = qs[:2]
+        if isinstance(ann, list) and ann and isinstance(ann[0], dict):
+            ids = {q["question_id"] for q in qs}
+            ann = [a for a in ann if a.get("question_id", a.get("image_id")) in ids]
+        tasks[k] = (qs, ann)
+    preds = D.decode_all(ckpt, world, tasks, out, batch_size=2)
+    captions = [json.loads(line)["answer"] for line in open(preds["caption"])]
+    assert all(c.strip() for c in captions) and "<|im_end|>" not in "".join(captions)
+    metrics = D.evaluate_all(preds, tasks, world, out)
+    assert 0.0 <= metrics["vqa"]["accuracy"] <= 1.0
+    pngs = D.pictures(ckpt, world, tasks, preds, out)
+    assert [p.rsplit("/", 1)[-1] for p in pngs] == ["rec_boxes.png", "attention_over_image.png", "logit_lens.png"]
+    for p in pngs:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", p
+
+
+def test_recipe_token_ids_are_checked_against_the_tokenizer(trained, tmp_path):
+    out, world, _, _, _ = trained
+    with pytest.raises(ValueError, match="model.image_token_id=4 is not the tokenizer's id"):
+        D.recipe(tmp_path, world, out / "tokenizer", family="qwen2_5_vl", overrides=("model.image_token_id=4",))
+    with pytest.raises(ValueError, match="unknown demo family"):
+        D.recipe(tmp_path, world, out / "tokenizer", family="qwen3")

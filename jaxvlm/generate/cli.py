@@ -108,6 +108,27 @@ def read_questions(path: str) -> list[dict]:
 # ----------------------------------------------------------------------------- batching
 
 
+def encode_request(cfg, tok, proc, template, prompt: str, image=None, system: str | None = None
+                   ) -> tuple[np.ndarray, Any]:
+    """One user turn (optionally with a PIL image first) -> (ids `[T]`, pixels) for `load_model`'s
+    model: LLaVA pixels `[3, H, W]`; Qwen2/2.5-VL `(patches [N, D], grid_thw [3])` from its HF processor."""
+    from jaxvlm.data.chat_templates import encode_prompt
+    from jaxvlm.models.qwen2_vl import Qwen2VLConfig
+    msgs = [] if system is None else [{"role": "system", "content": system}]
+    msgs.append({"role": "user", "content": prompt if image is None else "<image>\n" + prompt.replace("<image>", "").strip()})
+    pix, counts = None, ()
+    if image is not None and isinstance(cfg, Qwen2VLConfig):
+        out = proc(images=[image], return_tensors="np")
+        grid = np.asarray(out["image_grid_thw"], np.int64)[0]
+        pix = (np.asarray(out["pixel_values"], np.float32), grid)
+        counts = (int(grid.prod()) // cfg.vision.spatial_merge_size ** 2,)
+    elif image is not None:
+        img = proc(image)
+        pix, counts = img.pixel_values, (img.num_tokens,)
+    ids = encode_prompt(template, msgs, tok, image_token_id=cfg.image_token_id, image_token_counts=counts)
+    return ids, pix
+
+
 class Answerer:
     """Encodes (image, prompt) pairs with a chat template and decodes them in fixed-size batches."""
 
@@ -143,38 +164,9 @@ class Answerer:
 
     def encode(self, prompt: str, image_path: str | None) -> tuple[np.ndarray, Any]:
         """-> (ids [T], pixels): LLaVA pixels `[3, H, W]`, Qwen2-VL `(patches [N, D], grid_thw [3])`."""
-        if self.qwen2:
-            return self._encode_qwen2(prompt, image_path)
-        from jaxvlm.data.chat_templates import encode_prompt
         from jaxvlm.data.image_processing import load_image
-        msgs = []
-        if self.system is not None:
-            msgs.append({"role": "system", "content": self.system})
-        content = prompt if image_path is None else "<image>\n" + prompt.replace("<image>", "").strip()
-        msgs.append({"role": "user", "content": content})
-        pix, counts = None, ()
-        if image_path is not None:
-            img = self.proc(load_image(image_path))
-            pix, counts = img.pixel_values, (img.num_tokens,)
-        ids = encode_prompt(self.template, msgs, self.tok, image_token_id=self.cfg.image_token_id,
-                            image_token_counts=counts)
-        return ids, pix
-
-    def _encode_qwen2(self, prompt: str, image_path: str | None):
-        from jaxvlm.data.chat_templates import encode_prompt
-        from jaxvlm.data.image_processing import load_image
-        msgs = [] if self.system is None else [{"role": "system", "content": self.system}]
-        content = prompt if image_path is None else "<image>\n" + prompt.replace("<image>", "").strip()
-        msgs.append({"role": "user", "content": content})
-        pix, counts = None, ()
-        if image_path is not None:
-            out = self.proc(images=[load_image(image_path)], return_tensors="np")
-            grid = np.asarray(out["image_grid_thw"], np.int64)[0]
-            pix = (np.asarray(out["pixel_values"], np.float32), grid)
-            counts = (int(grid.prod()) // self.cfg.vision.spatial_merge_size ** 2,)
-        ids = encode_prompt(self.template, msgs, self.tok, image_token_id=self.cfg.image_token_id,
-                            image_token_counts=counts)
-        return ids, pix
+        image = None if image_path is None else load_image(image_path)
+        return encode_request(self.cfg, self.tok, self.proc, self.template, prompt, image, self.system)
 
     def _qwen2_vision(self, batch: dict, items) -> None:
         """Pack the batch's patches into `[batch_size * most patches of one image, D]` (zero rows

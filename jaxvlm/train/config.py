@@ -89,7 +89,8 @@ def train_defaults() -> Config:
     """Every key a train config may set (`--set` can only override these)."""
     return Config(
         model=dict(
-            init_from=None,              # HF LLaVA dir (config.json + safetensors); None = random init from below
+            family="llava",              # llava | qwen2_vl (Qwen2-VL / Qwen2.5-VL: `vision` holds QwenVisionConfig keys)
+            init_from=None,              # HF LLaVA / Qwen2-VL dir (config.json + safetensors); None = random init from below
             vision_init=None,            # vision tower params from jaxvlm.train.dense_vision (random init only)
             number_init=False,           # Fourier-code rows for the tokenizer's "0.00".."1.00" tokens (random init only)
             lm_init=None,                # language_model params from jaxvlm.train.lookup_pretrain (random init only)
@@ -99,6 +100,9 @@ def train_defaults() -> Config:
             vision=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=32,
                         patch_size=8),
             image_token_id=127,
+            video_token_id=None,         # qwen2_vl only: the tokenizer's <|video_pad|>, <|vision_start|>, <|vision_end|>
+            vision_start_token_id=None,
+            vision_end_token_id=None,
             dtype="float32",             # compute dtype ("bfloat16" on TPU/GPU)
             param_dtype="float32",       # master weights and optimizer state
             text_remat="none",           # none | full | dots | dots_no_batch
@@ -113,7 +117,8 @@ def train_defaults() -> Config:
         tokens=dict(add=[], tokenizer=None, num_new=0, init="mean_cov", trainable=True, multiple_of=8),
         data=dict(kind="synthetic",          # synthetic | npz (pre-tokenized arrays) | pipeline (jaxvlm.data)
                   path=None, image_root=None, tokenizer=None, template="vicuna_v1",
-                  batch_size=8, seq_len=32, images_per_sample=1, seed=0),
+                  batch_size=8, seq_len=32, images_per_sample=1, seed=0,
+                  min_pixels=None, max_pixels=None),   # qwen2_vl: smart_resize bounds (None: HF's defaults)
         train=dict(steps=100, accum_steps=1, seed=0, log_every=10, workdir="runs/default",
                    export=None,              # dir: write the final (LoRA-merged) params as a converted
                                              # checkpoint `jaxvlm generate --checkpoint` reads

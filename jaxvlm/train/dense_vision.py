@@ -30,6 +30,9 @@ import optax
 
 from jaxvlm.models.clip import CLIPVision, CLIPVisionConfig
 from jaxvlm.models.params import load_param_tree, save_param_tree
+from jaxvlm.models.qwen2_vl import QwenVisionConfig, QwenVisionTower, patch_layout
+
+VisionConfig = CLIPVisionConfig | QwenVisionConfig
 
 #: A patch is labelled with an object when the object's visible pixels cover this share of it.
 MIN_COVER = 0.15
@@ -37,7 +40,8 @@ MIN_COVER = 0.15
 
 @dataclasses.dataclass(frozen=True)
 class DenseTargets:
-    pixels: np.ndarray      # [N, C, S, S] float32, as the VLM's image processor makes them
+    pixels: np.ndarray      # [N, C, S, S] float32 (LLaVA) or [N, P, C*T*p*p] patch rows (Qwen2/2.5-VL), as
+                            # the VLM's image processor makes them; targets follow the rows' patch order
     category: np.ndarray    # [N, P] int32: category index, or num_categories for background
     colour: np.ndarray      # [N, P] int32: colour index, or num_colours for background
     box: np.ndarray         # [N, P, 4] float32: covering object's (x0, y0, x1, y1) / image side
@@ -50,8 +54,9 @@ def patch_targets(instances_path: str | os.PathLike, image_dir: str | os.PathLik
     """Per-patch targets from a COCO instances file whose annotations carry visible-pixel masks
     (`segmentation`) and `attributes.colour` (the shapes world's files).
 
-    processor: the VLM's image processor (`LlavaImageProcessor`); images must already be its size,
-    so that masks and patches line up (a resize would blur the labels).
+    processor: the VLM's image processor (`LlavaImageProcessor`, or `Qwen2VLImageProcessor`, whose
+    patch rows come in merge-block order: the targets are permuted to match); images must already be
+    its size, so that masks and patches line up (a resize would blur the labels).
     """
     from PIL import Image
     from pycocotools.coco import COCO
@@ -70,11 +75,19 @@ def patch_targets(instances_path: str | os.PathLike, image_dir: str | os.PathLik
             raise ValueError(f"image {info['file_name']} is {info['width']}x{info['height']}: dense targets need "
                              f"square images whose side is a multiple of the patch ({patch})")
         image: Image.Image = load_image(os.path.join(image_dir, info["file_name"]), str(img_id))
-        px = np.asarray(processor(image).pixel_values, np.float32)
-        if px.shape[-1] != side:
+        g = side // patch
+        out = processor(image)
+        px = np.asarray(out.pixel_values, np.float32)
+        order = np.arange(g * g)
+        if "image_grid_thw" in out.fields:      # Qwen2/2.5-VL: patch rows, not an image
+            grid = tuple(int(x) for x in out.fields["image_grid_thw"])
+            if grid != (1, g, g):
+                raise ValueError(f"the image processor makes a {grid} (t, h, w) patch grid of {side} px images; "
+                                 f"dense targets need (1, {g}, {g}): no resize, patch {patch}")
+            px, order = px[: g * g], processor_patch_order(g, processor.merge_size)
+        elif px.shape[-1] != side:
             raise ValueError(f"the image processor resizes {side} px images to {px.shape[-1]} px; dense targets "
                              f"need the world's image size to equal the tower's image_size")
-        g = side // patch
         cover = np.zeros((g * g,), np.float32)
         cat = np.full((g * g,), len(cat_ids), np.int32)
         col = np.full((g * g,), len(colours), np.int32)
@@ -88,17 +101,42 @@ def patch_targets(instances_path: str | os.PathLike, image_dir: str | os.PathLik
             col[take] = colour_index[ann["attributes"]["colour"]]
             box[take] = np.array([x, y, x + w, y + h], np.float32) / side
         pixels.append(px)
-        cats.append(cat)
-        cols.append(col)
-        boxes.append(box)
+        cats.append(cat[order])
+        cols.append(col[order])
+        boxes.append(box[order])
     return DenseTargets(np.stack(pixels), np.stack(cats), np.stack(cols), np.stack(boxes),
                         len(cat_ids), len(colours))
 
 
-class DenseHeads(nn.Module):
-    """The tower (named `vision_tower`, as in `Llava`) and linear per-patch heads on one layer."""
+def processor_patch_order(g: int, merge: int) -> np.ndarray:
+    """Raster index (row * g + column) of each patch row of a `g` x `g` image, in the Qwen2-VL
+    processor's order: merge blocks row-major, the `merge` x `merge` patches of a block row-major."""
+    i = np.arange(g * g)
+    block, within = i // (merge * merge), i % (merge * merge)
+    bh, bw = block // (g // merge), block % (g // merge)
+    return (bh * merge + within // merge) * g + bw * merge + within % merge
 
-    cfg: CLIPVisionConfig
+
+def tower_name(cfg: VisionConfig) -> str:
+    """Where the VLM keeps this tower: `Llava`'s `vision_tower`, `Qwen2VL`'s `visual`."""
+    return "visual" if isinstance(cfg, QwenVisionConfig) else "vision_tower"
+
+
+class _QwenTowerStates(QwenVisionTower):
+    """`QwenVisionTower` that always returns its per-layer states (a fixed call signature for nn.vmap)."""
+
+    def __call__(self, pixel_values, layout):
+        return super().__call__(pixel_values, layout, output_hidden_states=True)
+
+
+class DenseHeads(nn.Module):
+    """The tower (named as in the VLM: `tower_name`) and linear per-patch heads on one layer.
+
+    CLIP: pixel_values `[N, C, S, S]`, CLS dropped. Qwen2/2.5-VL: pixel_values `[N, P, C*T*p*p]`, the
+    patch rows of N square single-frame images, one packed tower call; the heads read the blocks'
+    per-patch states (the merger's input), in the rows' order."""
+
+    cfg: VisionConfig
     feature_layer: int
     num_categories: int
     num_colours: int
@@ -106,8 +144,17 @@ class DenseHeads(nn.Module):
 
     @nn.compact
     def __call__(self, pixel_values):
-        h = CLIPVision(self.cfg, name="vision_tower")(pixel_values, output_hidden_states=True)
-        h = h.hidden_states[self.feature_layer][:, 1:]            # patches, CLS dropped: [N, P, D]
+        if isinstance(self.cfg, QwenVisionConfig):
+            # One tower call per image (vmapped, shared weights): a packed call over all N images
+            # would build an [N*P, N*P] frame mask for the full-attention blocks.
+            g = int(round(pixel_values.shape[1] ** 0.5))
+            layout = patch_layout(jnp.asarray([[1, g, g]], jnp.int32), g * g, self.cfg)
+            tower = nn.vmap(_QwenTowerStates, in_axes=(0, None), variable_axes={"params": None},
+                            split_rngs={"params": False})(self.cfg, name=tower_name(self.cfg))
+            h = tower(pixel_values, layout).hidden_states[:, self.feature_layer]   # [N, P, D]
+        else:
+            h = CLIPVision(self.cfg, name="vision_tower")(pixel_values, output_hidden_states=True)
+            h = h.hidden_states[self.feature_layer][:, 1:]            # patches, CLS dropped: [N, P, D]
         box = nn.Dense(4 * max(self.box_bins, 1), name="box")(h)
         if self.box_bins:
             box = box.reshape(*box.shape[:-1], 4, self.box_bins)   # [N, P, 4, bins]
@@ -148,11 +195,12 @@ def dense_loss(logits_cat, logits_col, box_pred, t_cat, t_col, t_box, num_catego
     return ce_cat + ce_col + box_weight * box, dict(category_ce=ce_cat, colour_ce=ce_col, **{name: box})
 
 
-def pretrain_vision(cfg: CLIPVisionConfig, feature_layer: int, targets: DenseTargets, *, steps: int = 1000,
+def pretrain_vision(cfg: VisionConfig, feature_layer: int, targets: DenseTargets, *, steps: int = 1000,
                     batch: int = 32, lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.01,
                     object_weight: float = 1.0, box_bins: int = 0, box_weight: float = 1.0, seed: int = 0,
                     eval_every: int = 200, holdout: int = 200, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Train the tower on `targets`; returns (the `vision_tower` params, history).
+    """Train the tower on `targets`; returns (the tower's params: `Llava`'s `vision_tower` or
+    `Qwen2VL`'s `visual`, merger included at its init), history).
 
     object_weight, box_bins, box_weight: see `dense_loss`. The last `holdout` images (at most a fifth)
     are held out; history rows give the held-out per-object-patch category and colour accuracy and mean box
@@ -216,7 +264,7 @@ def pretrain_vision(cfg: CLIPVisionConfig, feature_layer: int, targets: DenseTar
                 bar.set_postfix(cat=row["heldout_category_acc"], box=row["heldout_box_err"])
     if bar is not None:
         bar.close()
-    return jax.device_get(params["vision_tower"]), history
+    return jax.device_get(params[tower_name(cfg)]), history
 
 
 def save_vision_params(path: str | os.PathLike, params: dict) -> str:
@@ -225,6 +273,6 @@ def save_vision_params(path: str | os.PathLike, params: dict) -> str:
 
 
 def load_vision_params(path: str | os.PathLike, like: dict) -> dict:
-    """Read `save_vision_params`'s file; every array must match `like` (a `vision_tower` tree) in
+    """Read `save_vision_params`'s file; every array must match `like` (a tower tree) in
     path and shape, else a ValueError names the first mismatch."""
     return load_param_tree(path, like, "vision")

@@ -18,9 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import flax.linen as nn
+
 from jaxvlm.models.clip import CLIPVisionConfig
 from jaxvlm.models.llama import LMConfig
 from jaxvlm.models.llava import Llava, LlavaConfig
+from jaxvlm.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, QwenVisionConfig
 from jaxvlm.models.params import init_params, load_param_tree, logical_axes
 from jaxvlm.train import lora as LO
 from jaxvlm.train import mesh as M
@@ -43,6 +46,21 @@ class NonFiniteError(RuntimeError):
 # ----------------------------------------------------------------------------- pieces
 
 
+#: `model.family` values: LLaVA (CLIP tower + projector) and Qwen2/2.5-VL (patch tower with merger, M-RoPE).
+FAMILIES = ("llava", "qwen2_vl")
+#: Where each family keeps its vision tower in the param tree (optimizer group patterns use it too).
+TOWER = {"llava": "vision_tower", "qwen2_vl": "visual"}
+
+ModelConfig = LlavaConfig | Qwen2VLConfig
+
+
+def family_of(cfg: Config) -> str:
+    family = cfg.model.get("family", "llava")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model.family {family!r}; known: {', '.join(FAMILIES)}")
+    return family
+
+
 def llava_config(cfg: Config) -> LlavaConfig:
     m = cfg.model
     if m.get("init_from"):
@@ -55,19 +73,66 @@ def llava_config(cfg: Config) -> LlavaConfig:
     return lc.replace(text=lc.text.replace(remat=m.text_remat), vision=lc.vision.replace(remat=m.vision_remat))
 
 
-def example_inputs(lc: LlavaConfig):
-    ids = jnp.full((1, lc.tokens_per_image), lc.image_token_id, jnp.int32)
-    pix = jnp.zeros((1, lc.vision.num_channels, lc.vision.image_size, lc.vision.image_size), jnp.float32)
+def qwen2_vl_config(cfg: Config) -> Qwen2VLConfig:
+    m = cfg.model
+    if m.get("init_from"):
+        with open(os.path.join(m.init_from, "config.json")) as f:
+            qc = Qwen2VLConfig.from_hf(json.load(f))
+    else:
+        ids = {k: m.get(k) for k in ("video_token_id", "vision_start_token_id", "vision_end_token_id")}
+        missing = [k for k, v in ids.items() if v is None]
+        if missing:
+            raise ValueError(f"model.family='qwen2_vl' from a random init needs the tokenizer's ids: set "
+                             f"{', '.join('model.' + k for k in missing)}")
+        text = {"family": "qwen2", "qkv_bias": True, **m.text}
+        if text.get("mrope_section") is not None:
+            text["mrope_section"] = tuple(text["mrope_section"])
+        qc = Qwen2VLConfig(text=LMConfig(**text), vision=QwenVisionConfig(**m.vision),
+                           image_token_id=m.image_token_id, **ids)
+    qc = qc.with_dtype(m.dtype, m.param_dtype)
+    return qc.replace(text=qc.text.replace(remat=m.text_remat), vision=qc.vision.replace(remat=m.vision_remat))
+
+
+def model_config(cfg: Config) -> ModelConfig:
+    """The model config a train config describes (`model.family` picks the family)."""
+    return qwen2_vl_config(cfg) if family_of(cfg) == "qwen2_vl" else llava_config(cfg)
+
+
+def build_model(mc: ModelConfig) -> nn.Module:
+    return Qwen2VL(mc) if isinstance(mc, Qwen2VLConfig) else Llava(mc)
+
+
+def example_inputs(mc: ModelConfig):
+    """Smallest inputs that touch every parameter (for init and logical axes)."""
+    if isinstance(mc, Qwen2VLConfig):
+        from jaxvlm.models import qwen2_vl
+        return qwen2_vl.example_inputs(mc)
+    ids = jnp.full((1, mc.tokens_per_image), mc.image_token_id, jnp.int32)
+    pix = jnp.zeros((1, mc.vision.num_channels, mc.vision.image_size, mc.vision.image_size), jnp.float32)
     return ids, pix
 
 
-def load_hf_params(path: str, lc: LlavaConfig) -> dict:
-    """A Hugging Face LLaVA directory (config.json + *.safetensors) -> jaxvlm params on the host."""
+def image_processor(mc: ModelConfig, data: Config | None = None):
+    """The family's image processor (`jaxvlm.data.image_processing`). Qwen2/2.5-VL: smart_resize bounds
+    from `data.min_pixels` / `data.max_pixels` (the slot holds `max_pixels / patch_size^2` patch rows)."""
+    from jaxvlm.data.image_processing import LlavaImageProcessor, Qwen2VLImageProcessor
+    if isinstance(mc, Qwen2VLConfig):
+        v = mc.vision
+        bounds = {k: int(data[k]) for k in ("min_pixels", "max_pixels") if data is not None and data.get(k)}
+        return Qwen2VLImageProcessor(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                                     merge_size=v.spatial_merge_size, **bounds)
+    return LlavaImageProcessor.for_llava(mc)
+
+
+def load_hf_params(path: str, mc: ModelConfig) -> dict:
+    """A Hugging Face LLaVA or Qwen2/2.5-VL directory (config.json + *.safetensors) -> jaxvlm params
+    on the host."""
     import glob
 
     from safetensors import safe_open
 
     from jaxvlm.conversion.api import llava_params_from_state
+    from jaxvlm.conversion.qwen2_vl import qwen2_vl_params_from_state
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {path}")
@@ -77,13 +142,17 @@ def load_hf_params(path: str, lc: LlavaConfig) -> dict:
         def __getitem__(self, k):
             return np.asarray(dict.__getitem__(self, k).get_tensor(k))
     state = Lazy({k: h for h in handles for k in h.keys()})
-    return llava_params_from_state(state, lc, dtype=np.dtype(lc.text.param_dtype))
+    convert = qwen2_vl_params_from_state if isinstance(mc, Qwen2VLConfig) else llava_params_from_state
+    return convert(state, mc, dtype=np.dtype(mc.text.param_dtype))
 
 
-def make_data(cfg: Config, lc: LlavaConfig, local_batch: int):
+def make_data(cfg: Config, lc: ModelConfig, local_batch: int):
     d = cfg.data
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     if d.kind == "synthetic":
+        if isinstance(lc, Qwen2VLConfig):
+            raise ValueError("data.kind='synthetic' makes LLaVA batches; train model.family='qwen2_vl' on "
+                             "data.kind='pipeline' (LLaVA-format records, template 'chatml')")
         sc = sources.SyntheticConfig(seq_len=d.seq_len, vocab_size=lc.text.vocab_size,
                                      image_token_id=lc.image_token_id, tokens_per_image=lc.tokens_per_image,
                                      image_size=lc.vision.image_size, images_per_sample=d.images_per_sample)
@@ -93,12 +162,11 @@ def make_data(cfg: Config, lc: LlavaConfig, local_batch: int):
     if d.kind == "pipeline":   # LLaVA-format records -> chat template -> tokens + images (jaxvlm.data)
         from transformers import AutoTokenizer
 
-        from jaxvlm.data.image_processing import LlavaImageProcessor
         from jaxvlm.data.pipeline import make_dataset
         if not d.path or not os.path.isfile(d.path):
             raise FileNotFoundError(f"data file not found: {d.path}")
         tok = AutoTokenizer.from_pretrained(d.tokenizer or cfg.model.init_from)
-        return make_dataset(d.path, d.image_root, tok, d.template, LlavaImageProcessor.for_llava(lc),
+        return make_dataset(d.path, d.image_root, tok, d.template, image_processor(lc, d),
                             max_len=d.seq_len, images_per_sample=d.images_per_sample, batch_size=local_batch,
                             seed=d.seed, image_token_id=lc.image_token_id, **shard)
     raise ValueError(f"unknown data.kind {d.kind!r}; known: synthetic, npz, pipeline")
@@ -139,17 +207,25 @@ def _scalar(x) -> float | int:
     return x.item()
 
 
-def export_converted(cfg: Config, lc: LlavaConfig, trained: Any, spec: "LO.LoraSpec | None") -> str:
-    """Final params (LoRA merged) -> a converted checkpoint with the tokenizer files beside it."""
+def export_converted(cfg: Config, lc: ModelConfig, trained: Any, spec: "LO.LoraSpec | None") -> str:
+    """Final params (LoRA merged) -> a converted checkpoint with the tokenizer files beside it (and,
+    for Qwen2/2.5-VL, the image processor's `preprocessor_config.json`, so `jaxvlm generate` resizes
+    images as training did)."""
+    import tempfile
+
     from jaxvlm.conversion.converted import save_converted
     params = LO.merge_lora(trained["base"], trained["lora"], spec) if spec is not None else trained
     tok_dir = cfg.data.get("tokenizer") or cfg.tokens.get("tokenizer")
     hf_files = []
     if tok_dir and os.path.isdir(tok_dir):
         hf_files = [os.path.join(tok_dir, f) for f in sorted(os.listdir(tok_dir))
-                    if os.path.isfile(os.path.join(tok_dir, f))]
-    save_converted(cfg.train.export, lc, jax.device_get(params), hf_files=hf_files, source="jaxvlm train",
-                   overwrite=True)
+                    if os.path.isfile(os.path.join(tok_dir, f)) and f != "preprocessor_config.json"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(lc, Qwen2VLConfig):
+            image_processor(lc, cfg.data).hf.save_pretrained(tmp)
+            hf_files.append(os.path.join(tmp, "preprocessor_config.json"))
+        save_converted(cfg.train.export, lc, jax.device_get(params), hf_files=hf_files, source="jaxvlm train",
+                       overwrite=True)
     return cfg.train.export
 
 
@@ -174,7 +250,8 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
     if gbs % jax.process_count():
         raise ValueError(f"data.batch_size={gbs} is not divisible by the {jax.process_count()} processes")
     rules = S.make_rules(cfg.sharding.preset, cfg.sharding.overrides)
-    lc = llava_config(cfg)
+    family = family_of(cfg)
+    lc = model_config(cfg)
     key = jax.random.key(cfg.train.seed)
     k_init, k_tok, k_lora, k_state = jax.random.split(key, 4)
 
@@ -189,10 +266,13 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
                                  f"model.init_from={cfg.model.init_from!r}")
         params = load_hf_params(cfg.model.init_from, lc)
     else:
-        params = jax.jit(lambda k: init_params(Llava(lc), k, *example_inputs(lc)))(k_init)
+        if family == "qwen2_vl" and cfg.model.get("projector_init"):
+            raise ValueError("model.projector_init is LLaVA's projector; Qwen2/2.5-VL's merger is part of the "
+                             "vision tower (model.vision_init)")
+        params = jax.jit(lambda k: init_params(build_model(lc), k, *example_inputs(lc)))(k_init)
         # Parts trained by an earlier stage replace their random init: the tower (dense_vision), the LM
         # (lookup_pretrain.pretrain_lookup), the projector (lookup_pretrain.align_projector).
-        for key, part, what in (("vision_init", "vision_tower", "vision"), ("lm_init", "language_model", "LM"),
+        for key, part, what in (("vision_init", TOWER[family], "vision"), ("lm_init", "language_model", "LM"),
                                 ("projector_init", "multi_modal_projector", "projector")):
             if cfg.model.get(key):
                 params = dict(params, **{part: jax.tree.map(
@@ -217,7 +297,7 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
         lc, params = TK.grow_llava_vocab(lc, jax.device_get(params), n_tokens, k_tok, cfg.tokens.init,
                                          multiple_of=cfg.tokens.multiple_of)
         new_ids = list(range(old_vocab, lc.text.vocab_size))
-    model = Llava(lc)
+    model = build_model(lc)
     logical = logical_axes(model, *example_inputs(lc))
     spec = None
     if cfg.lora.enabled:
@@ -244,7 +324,7 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
     abstract = jax.eval_shape(lambda t: t, trainable)
     opt = O.make_optimizer(ocfg, abstract)
     log.info("optimizer groups:\n%s", O.describe(opt, abstract))
-    tower_labels = jax.tree.leaves(opt.labels.get("vision_tower", {}) if isinstance(opt.labels, dict) else {})
+    tower_labels = jax.tree.leaves(opt.labels.get(TOWER[family], {}) if isinstance(opt.labels, dict) else {})
     if (tower_labels and all(l == O.FROZEN for l in tower_labels) and not cfg.model.get("init_from")
             and not cfg.model.get("vision_init")):
         log.warning("the vision tower is frozen at its random init (no model.init_from / model.vision_init): "
@@ -317,9 +397,10 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
             for h in hooks:
                 h(step, metrics)
         if spec is not None and jax.process_index() == 0:
+            from jaxvlm.conversion.qwen2_vl import qwen2_vl_rules
             from jaxvlm.conversion.table import llava_rules
             LO.export_peft(os.path.join(workdir, "adapter"), jax.device_get(state.params["lora"]), spec,
-                           llava_rules(lc))
+                           qwen2_vl_rules(lc) if family == "qwen2_vl" else llava_rules(lc))
         if cfg.train.get("export") and jax.process_index() == 0:
             export_converted(cfg, lc, state.params, spec)
     finally:
