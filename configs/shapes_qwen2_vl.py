@@ -1,4 +1,4 @@
-"""The embedded default's second recipe: a ~2M-parameter Qwen2.5-VL (windowed patch tower with 2-D
+"""The embedded default's second recipe: a 2.56M-parameter Qwen2.5-VL (windowed patch tower with 2-D
 rotary, 2x2 PatchMerger, Qwen2 LM with M-RoPE) learning the synthetic shapes world from scratch on a
 2-core CPU, through the same train loop as `configs/shapes_llava.py`.
 
