@@ -10,13 +10,10 @@ import pytest
 from jaxvlm.models import qwen2_vl as Q
 from jaxvlm.models.llama import LMConfig
 from jaxvlm.models.params import init_params, logical_axes
-from jaxvlm.train import mesh as M
 from jaxvlm.train import optim as O
-from jaxvlm.train import sharding as S
-from jaxvlm.train import state as ST
-from jaxvlm.train.step import StepShardings, make_train_step, next_token_loss, pack_patch_slots, vlm_lm_loss
+from jaxvlm.train.step import next_token_loss, pack_patch_slots, vlm_lm_loss
 
-FAST = {"xla_backend_optimization_level": 0}
+from sharding_utils import run_steps
 TOL = 1e-5
 IMG, VS, VE, VID = 120, 121, 122, 123
 B, SLOTS, M_ROWS, T = 8, 2, 32, 48
@@ -114,28 +111,11 @@ def test_slot_batch_equals_the_packed_forward(setup):
     assert int(metrics["num_tokens"]) == int(((b["labels"][:, 1:]) != -100).sum())
 
 
-def run_steps(setup, shape, accum=1, n=2):
-    mesh = M.make_mesh(shape, jax.devices()[:int(np.prod(shape))])
-    rules = S.make_rules("fsdp_tp")
-    p_sh = S.param_shardings(setup["logical"], setup["abstract"], mesh, rules)
-    st_sh = ST.state_shardings(p_sh, setup["abstract"], setup["opt"], mesh)
-    state = jax.device_put(ST.create_train_state(jax.tree.map(np.array, setup["params"]), setup["opt"],
-                                                 jax.random.key(1)), st_sh)
-    step = make_train_step(setup["loss_fn"], setup["opt"], StepShardings(mesh, rules, st_sh), accum_steps=accum,
-                           compiler_options=FAST)
-    batch = S.shard_batch(setup["batch"], mesh)
-    losses = []
-    for _ in range(n):
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
-    return state, losses
-
-
 def test_sharded_accumulated_step_matches_single_device(setup):
     """data x fsdp x tensor = 2 x 2 x 2 with 2 micro-batches (each splits the image slots with their
     samples) == one device, one batch: losses and updated parameters."""
-    ref_state, ref_losses = run_steps(setup, (1, 1, 1))
-    state, losses = run_steps(setup, (2, 2, 2), accum=2)
+    ref, out = run_steps(setup, (1, 1, 1)), run_steps(setup, (2, 2, 2), accum=2)
+    ref_state, ref_losses, state, losses = ref["state"], ref["losses"], out["state"], out["losses"]
     np.testing.assert_allclose(losses, ref_losses, rtol=TOL)
     assert losses[1] < losses[0]
     got, want = jax.device_get(state.params), jax.device_get(ref_state.params)

@@ -18,10 +18,11 @@ from jaxvlm.train import sharding as S
 from jaxvlm.train import state as ST
 from jaxvlm.train.checkpoint import Checkpointer
 from jaxvlm.train.sources import SyntheticConfig, synthetic_dataset
-from jaxvlm.train.step import StepShardings, make_train_step, vlm_lm_loss
+from jaxvlm.train.step import vlm_lm_loss
+
+from sharding_utils import run_steps
 
 TOL = 1e-5
-FAST = {"xla_backend_optimization_level": 0}   # CPU compile time; numerics are unaffected
 # (mesh, accumulation steps): (2, 2, 2) also accumulates over 2 micro-batches, which must equal the
 # full-batch step (micro losses are token-weighted), so one compile checks both.
 MESHES = [((8, 1, 1), 1), ((2, 4, 1), 1), ((2, 2, 2), 2), ((1, 1, 8), 1)]
@@ -56,23 +57,6 @@ def setup():
     loss_fn = vlm_lm_loss(model)
     return dict(model=model, params=params, logical=logical, abstract=abstract, opt=opt, batch=batch,
                 loss_fn=loss_fn)
-
-
-def run_steps(setup, shape, accum=1, n=2):
-    mesh = M.make_mesh(shape, jax.devices()[:int(np.prod(shape))])
-    rules = S.make_rules("fsdp_tp")
-    p_sh = S.param_shardings(setup["logical"], setup["abstract"], mesh, rules)
-    st_sh = ST.state_shardings(p_sh, setup["abstract"], setup["opt"], mesh)
-    state = jax.device_put(ST.create_train_state(jax.tree.map(np.array, setup["params"]), setup["opt"],
-                                                 jax.random.key(1)), st_sh)
-    step = make_train_step(setup["loss_fn"], setup["opt"], StepShardings(mesh, rules, st_sh), accum_steps=accum,
-                           compiler_options=FAST)
-    batch = S.shard_batch(setup["batch"], mesh)
-    losses = []
-    for _ in range(n):
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
-    return dict(mesh=mesh, state=state, losses=losses, step=step, batch=batch, metrics=m, st_sh=st_sh)
 
 
 @pytest.fixture(scope="module")

@@ -61,24 +61,28 @@ def family_of(cfg: Config) -> str:
     return family
 
 
-def llava_config(cfg: Config) -> LlavaConfig:
+def _from_checkpoint_or(cfg: Config, family_cls, build: Callable[[], ModelConfig]) -> ModelConfig:
+    """`model.init_from`'s config.json when given, else `build()`; then the run's dtypes and remat."""
     m = cfg.model
     if m.get("init_from"):
         with open(os.path.join(m.init_from, "config.json")) as f:
-            lc = LlavaConfig.from_hf(json.load(f))
+            mc = family_cls.from_hf(json.load(f))
     else:
-        lc = LlavaConfig(text=LMConfig(**m.text), vision=CLIPVisionConfig(**m.vision),
-                         image_token_id=m.image_token_id)
-    lc = lc.with_dtype(m.dtype, m.param_dtype)
-    return lc.replace(text=lc.text.replace(remat=m.text_remat), vision=lc.vision.replace(remat=m.vision_remat))
+        mc = build()
+    mc = mc.with_dtype(m.dtype, m.param_dtype)
+    return mc.replace(text=mc.text.replace(remat=m.text_remat), vision=mc.vision.replace(remat=m.vision_remat))
+
+
+def llava_config(cfg: Config) -> LlavaConfig:
+    m = cfg.model
+    return _from_checkpoint_or(cfg, LlavaConfig, lambda: LlavaConfig(
+        text=LMConfig(**m.text), vision=CLIPVisionConfig(**m.vision), image_token_id=m.image_token_id))
 
 
 def qwen2_vl_config(cfg: Config) -> Qwen2VLConfig:
     m = cfg.model
-    if m.get("init_from"):
-        with open(os.path.join(m.init_from, "config.json")) as f:
-            qc = Qwen2VLConfig.from_hf(json.load(f))
-    else:
+
+    def build() -> Qwen2VLConfig:
         ids = {k: m.get(k) for k in ("video_token_id", "vision_start_token_id", "vision_end_token_id")}
         missing = [k for k, v in ids.items() if v is None]
         if missing:
@@ -87,10 +91,9 @@ def qwen2_vl_config(cfg: Config) -> Qwen2VLConfig:
         text = {"family": "qwen2", "qkv_bias": True, **m.text}
         if text.get("mrope_section") is not None:
             text["mrope_section"] = tuple(text["mrope_section"])
-        qc = Qwen2VLConfig(text=LMConfig(**text), vision=QwenVisionConfig(**m.vision),
-                           image_token_id=m.image_token_id, **ids)
-    qc = qc.with_dtype(m.dtype, m.param_dtype)
-    return qc.replace(text=qc.text.replace(remat=m.text_remat), vision=qc.vision.replace(remat=m.vision_remat))
+        return Qwen2VLConfig(text=LMConfig(**text), vision=QwenVisionConfig(**m.vision),
+                             image_token_id=m.image_token_id, **ids)
+    return _from_checkpoint_or(cfg, Qwen2VLConfig, build)
 
 
 def model_config(cfg: Config) -> ModelConfig:
