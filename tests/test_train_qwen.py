@@ -1,5 +1,5 @@
 """Training Qwen2.5-VL through the shared train step: per-slot patch batches (as `jaxvlm.data.pipeline`
-makes them) are packed for the model, the sharded step with gradient accumulation equals the
+makes them) run through the tower one row per slot, equal to HF's packed layout; the sharded step with gradient accumulation equals the
 single-device step, the train config builds the family, and stage 0's Qwen targets follow the
 processor's patch order."""
 import jax
@@ -11,7 +11,7 @@ from jaxvlm.models import qwen2_vl as Q
 from jaxvlm.models.llama import LMConfig
 from jaxvlm.models.params import init_params, logical_axes
 from jaxvlm.train import optim as O
-from jaxvlm.train.step import next_token_loss, pack_patch_slots, vlm_lm_loss
+from jaxvlm.train.step import next_token_loss, vlm_lm_loss
 
 from sharding_utils import run_steps
 TOL = 1e-5
@@ -66,17 +66,26 @@ def setup():
                 batch=slot_batch(cfg), loss_fn=vlm_lm_loss(model))
 
 
-def test_pack_patch_slots_concatenates_real_rows_in_order(setup):
-    b = setup["batch"]
-    packed, grid = pack_patch_slots(jnp.asarray(b["pixel_values"]), jnp.asarray(b["image_grid_thw"]))
-    packed, grid = np.asarray(packed), np.asarray(grid)
+def test_tower_slot_rows_equal_the_packed_tower(setup):
+    """The tower on one row per slot (empty slots included) == the tower on the real rows packed into
+    one sequence: every patch's last state, and the merged features (real slots first, in order)."""
+    b, model, p, cfg = setup["batch"], setup["model"], setup["params"], setup["cfg"]
+    pix, grid = jnp.asarray(b["pixel_values"]), jnp.asarray(b["image_grid_thw"])
     real = b["image_grid_thw"][:, 0] > 0
-    want = np.concatenate([p[:int(np.prod(g))] for p, g in zip(b["pixel_values"], b["image_grid_thw"])])
-    assert packed.shape == (B * SLOTS * M_ROWS, setup["cfg"].vision.patch_dim)
-    np.testing.assert_array_equal(packed[:len(want)], want)
-    assert not packed[len(want):].any()
-    np.testing.assert_array_equal(grid[:real.sum()], b["image_grid_thw"][real])
-    assert not grid[real.sum():].any() and 0 < real.sum() < len(real) and not real[0]   # zeros were in between
+    sizes = b["image_grid_thw"].prod(-1)
+    rows = np.concatenate([x[:n] for x, n in zip(b["pixel_values"], sizes)])
+    packed = model.apply({"params": p}, jnp.asarray(rows), jnp.asarray(b["image_grid_thw"][real]), method="encode")[0]
+    slotted, n_img = model.apply({"params": p}, pix, grid, method="encode")
+    lay = Q.slot_layout(grid, M_ROWS, cfg.vision)
+    wins = jax.vmap(lambda lay: Q.vision_windows(lay, Q.patch_window_order(lay, cfg.vision), cfg.vision))(lay)
+    assert bool(jnp.all(wins.slots.fits))                           # the slotted window path, not the fallback
+    scale = np.abs(np.asarray(packed.last_hidden)).max()
+    got = np.concatenate([h[:n] for h, n in zip(np.asarray(slotted.last_hidden), sizes)])
+    assert np.abs(got - np.asarray(packed.last_hidden)).max() <= TOL * scale
+    n = int(sizes.sum()) // 4
+    assert n_img == B * SLOTS * M_ROWS // 4 and 0 < real.sum() < len(real) and not real[0]   # empty slots in between
+    want = np.asarray(packed.merged)
+    assert np.abs(np.asarray(slotted.merged)[:n] - want).max() <= TOL * np.abs(want).max()
 
 
 def test_slot_batch_equals_the_packed_forward(setup):
@@ -86,7 +95,7 @@ def test_slot_batch_equals_the_packed_forward(setup):
 
     def slot_logits(idx):
         slots = np.concatenate([[i * SLOTS + j for j in range(SLOTS)] for i in idx])
-        pix, grid = pack_patch_slots(jnp.asarray(b["pixel_values"][slots]), jnp.asarray(b["image_grid_thw"][slots]))
+        pix, grid = jnp.asarray(b["pixel_values"][slots]), jnp.asarray(b["image_grid_thw"][slots])
         return np.asarray(model.apply({"params": p}, jnp.asarray(b["input_ids"][idx]), pix, grid,
                                       mm_token_type_ids=jnp.asarray(b["mm_token_type_ids"][idx]),
                                       attention_mask=jnp.asarray(b["attention_mask"][idx])).logits)
@@ -160,3 +169,18 @@ def test_stage0_patch_order_is_the_model_layout():
     for g in (4, 8, 14):
         lay = Q.patch_layout(jnp.asarray([[1, g, g]]), g * g, cfg)
         np.testing.assert_array_equal(processor_patch_order(g, 2), np.asarray(lay.hpos * g + lay.wpos))
+
+
+def test_slot_inputs_are_checked(setup):
+    b, model = setup["batch"], setup["model"]
+    ids, pix, grid = b["input_ids"], b["pixel_values"].copy(), b["image_grid_thw"]
+    model.check_inputs(ids, pix, grid, mm_token_type_ids=b["mm_token_type_ids"])
+    with pytest.raises(ValueError, match=f"pixel values have {B * SLOTS} slots but image_grid_thw has {B * SLOTS - 1}"):
+        model.check_inputs(ids, pix, grid[:-1])
+    s = int(np.flatnonzero((grid.prod(-1) > 0) & (grid.prod(-1) < M_ROWS))[0])   # a slot with room left
+    pix[s, int(np.prod(grid[s]))] = 1.0                   # data past the slot's grid
+    with pytest.raises(ValueError, match=f"describes {int(np.prod(grid[s]))} patches in slot {s} but pixel values"):
+        model.check_inputs(ids, pix, grid)
+    with pytest.raises(ValueError, match="cannot be mixed with videos"):
+        model.apply({"params": setup["params"]}, b["pixel_values"], grid, b["pixel_values"][0], np.array([[1, 4, 8]]),
+                    method="encode")

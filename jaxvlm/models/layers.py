@@ -442,16 +442,18 @@ def slotted_segment_attention(q: Array, k: Array, v: Array, slots: SegmentSlots,
     `dot_attention` with the dense segment mask on the rows that have a slot; rows without one (padding,
     or all rows when `slots.fits` is false: branch on it) get zeros.
 
-    q/k/v: `[B, T, H|K, D]` (the same layout for every batch row). Returns `[B, T, H, D]`."""
+    q/k/v: `[B, T, H|K, D]`; slots: one layout for every batch row, or one per row (`segment_slots`
+    vmapped: src `[B, S]`, slot `[B, T]`). Returns `[B, T, H, D]`."""
     b, t, h, d = q.shape
     block = slots.key_bias.shape[-1]
-    n = slots.src.shape[0] // block
+    n = slots.src.shape[-1] // block
 
     def take(x: Array, rows: Array) -> Array:  # rows of x [B, R, ...]; index R picks a zero row
-        return jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)[:, rows]
+        x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+        return x[:, rows] if rows.ndim == 1 else jax.vmap(lambda xb, rb: xb[rb])(x, rows)
 
     gather = lambda x: take(x, slots.src).reshape(b * n, block, *x.shape[2:])  # noqa: E731
-    bias = jnp.broadcast_to(slots.key_bias[None], (b, n, 1, 1, block)).reshape(b * n, 1, 1, block)
+    bias = jnp.broadcast_to(slots.key_bias.reshape(-1, n, 1, 1, block), (b, n, 1, 1, block)).reshape(b * n, 1, 1, block)
     out, _ = dot_attention(gather(q), gather(k), gather(v), bias, scale=scale)
     return take(out.reshape(b, n * block, h, d), slots.slot)
 

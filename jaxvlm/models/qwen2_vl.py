@@ -246,6 +246,20 @@ def patch_layout(grid_thw: Array, n_patches: int, cfg: QwenVisionConfig) -> Patc
                        valid=valid.astype(jnp.int32))
 
 
+def slot_layout(grid_thw: Array, rows: int, cfg: QwenVisionConfig) -> PatchLayout:
+    """Layouts `[S, rows]` of S image slots, one image (or none: a zero grid row) per slot, each slot's
+    `t*h*w` patch rows first, then padding (the tower's row input, as `jaxvlm.data.pipeline` batches
+    Qwen images)."""
+    return jax.vmap(lambda g: patch_layout(g[None], rows, cfg))(jnp.asarray(grid_thw, jnp.int32).reshape(-1, 3))
+
+
+def real_slots_first(grid_thw: Array) -> Array:
+    """`[S]` permutation putting the slots with an image (non-zero grid row) first, in order: the M-RoPE
+    index gives the k-th image of the batch the k-th grid row, so an empty slot's zero row must not
+    sit between two images' grids."""
+    return jnp.argsort(jnp.prod(grid_thw, axis=-1) == 0, stable=True)
+
+
 def window_order(layout: PatchLayout, cfg: QwenVisionConfig) -> Array:
     """HF Qwen2.5-VL's window reordering of merge units (`get_vision_window_index`): `[N/m^2]`
     indices, real units first. Its inverse is `jnp.argsort(order)`. Units inside a window are
@@ -268,8 +282,9 @@ def patch_window_order(layout: PatchLayout, cfg: QwenVisionConfig) -> Array:
 
 @flax.struct.dataclass
 class QwenVisionOutput:
-    """last_hidden: `[N, Dv]` before the merger; merged: `[N/m^2, D]` (processor order);
-    hidden_states: `[Lv+1, N, Dv]` (index 0 = patch embeddings) or None."""
+    """last_hidden: `[N, Dv]` (`[B, N, Dv]` for row input) before the merger; merged: `[N/m^2, D]`
+    (`[B*N/m^2, D]`, row-major), processor order; hidden_states: `[Lv+1, N, Dv]` (`[Lv+1, B, N, Dv]`;
+    index 0 = patch embeddings) or None."""
 
     last_hidden: Array
     merged: Array
@@ -331,7 +346,8 @@ class VisionAttention(nn.Module):
         else:
             slotted = lambda q, k, v: L.slotted_segment_attention(q, k, v, windows.slots)
             blocked = lambda q, k, v: L.segment_block_attention(q, k, v, windows.ids, self.window_block)
-            windowed = lambda q, k, v: jax.lax.cond(windows.slots.fits, slotted, blocked, q, k, v)
+            # One branch for the whole batch (rows laid out separately must all fit for the slotted path).
+            windowed = lambda q, k, v: jax.lax.cond(jnp.all(windows.slots.fits), slotted, blocked, q, k, v)
             out = jax.lax.cond(full, dense, windowed, q, k, v)
         return L.Linear(d, ("vision_heads", "vision_embed"), name="proj", **kw)(out.reshape(b, n, d))
 
@@ -377,48 +393,61 @@ class PatchMerger(nn.Module):
 
 
 class QwenVisionTower(nn.Module):
-    """Patch embedding (Conv3d as a matmul) -> scanned blocks with 2-D rotary -> PatchMerger."""
+    """Patch embedding (Conv3d as a matmul) -> scanned blocks with 2-D rotary -> PatchMerger.
+
+    Takes the patches packed into one sequence (`[N, C*T*P*P]`, as HF does: any number of images of
+    any sizes, attention restricted per frame) or as B rows of their own (`[B, N, C*T*P*P]`, layout
+    `[B, N]`: e.g. one image per row, `slot_layout`). Rows are the batch axis of every activation, so
+    they shard over data-parallel devices, where one packed sequence cannot."""
 
     cfg: QwenVisionConfig
 
     @nn.compact
     def __call__(self, pixel_values: Array, layout: PatchLayout, output_hidden_states: bool = False
                  ) -> QwenVisionOutput:
-        """pixel_values: `[N, C*T*P*P]` packed patches (N a multiple of merge_size^2)."""
+        """pixel_values: `[N, C*T*P*P]` or `[B, N, C*T*P*P]` (N a multiple of merge_size^2), layout
+        `[N]` or `[B, N]` to match."""
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        n = pixel_values.shape[0]
+        packed = pixel_values.ndim == 2
+        if packed:
+            pixel_values, layout = pixel_values[None], jax.tree.map(lambda a: a[None], layout)
+        n = pixel_values.shape[1]
         if pixel_values.shape[-1] != cfg.patch_dim:
             raise ValueError(f"pixel_values rows have {pixel_values.shape[-1]} values, the patch embedding expects "
                              f"C*T*P*P = {cfg.patch_dim}")
         if n % cfg.merge_unit:
             raise ValueError(f"the padded patch count {n} must be a multiple of merge_size^2 = {cfg.merge_unit}")
         x = L.Linear(cfg.hidden_size, ("vision_patch", "vision_embed"), dtype=dt, param_dtype=pdt,
-                     name="patch_embed")(pixel_values.astype(dt))[None]          # [1, N, Dv]
+                     name="patch_embed")(pixel_values.astype(dt))                  # [B, N, Dv]
+        rows = jax.vmap(lambda a, i: a[i])                                          # per-row gather
         hpos, wpos, frame = layout.hpos, layout.wpos, layout.frame
         if cfg.window_units is not None:
             # HF's window reordering: each window becomes contiguous, so it can take a block of slots
             # of its own (`vision_windows`: one window of keys per query instead of N); undone after
             # the last block.
-            order = patch_window_order(layout, cfg)
-            x, hpos, wpos, frame = (a[..., order, :] if a.ndim == 3 else a[order] for a in (x, hpos, wpos, frame))
+            order = jax.vmap(lambda lay: patch_window_order(lay, cfg))(layout)    # [B, N]
+            x, hpos, wpos, frame = (rows(a, order) for a in (x, hpos, wpos, frame))
         # 2-D rotary = M-RoPE with two axes (h, w) over the same head_dim/4 frequencies.
         inv = L.rope_inv_freq(cfg.head_dim // 2, cfg.rope_theta)[0]
-        pos = jnp.stack([hpos, wpos])[:, None]                                      # [2, 1, N]
-        cos, sin = L.rope_cos_sin(pos, np.concatenate([inv, inv]), 1.0, (len(inv), len(inv)))
+        cos, sin = L.rope_cos_sin(jnp.stack([hpos, wpos]), np.concatenate([inv, inv]), 1.0, (len(inv), len(inv)))
         # The frame bias is built once, outside the layer scan (see `layers.dot_attention`).
-        frame_bias = L.mask_bias((frame[:, None] == frame[None, :])[None, None])   # [1, 1, N, N]
-        windows = None if cfg.window_units is None else vision_windows(layout, order, cfg)
+        frame_bias = L.mask_bias((frame[:, :, None] == frame[:, None, :])[:, None])   # [B, 1, N, N]
+        windows = None
+        if cfg.window_units is not None:
+            windows = jax.vmap(lambda lay, o: vision_windows(lay, o, cfg))(layout, order)
         stack = L.scan_layers(L.remat_block(VisionBlock, cfg.remat), cfg.num_layers, in_axes=(nn.broadcast,) * 4 + (0,))
         h, ys = stack(cfg, output_hidden_states, name="blocks")(
             x, cos, sin, frame_bias, windows, jnp.asarray(cfg.full_attention_flags))
         if cfg.window_units is not None:
-            inverse = jnp.argsort(order)
-            x, h = x[:, inverse], h[:, inverse]
-            ys = None if ys is None else ys[:, :, inverse]
-        merged = PatchMerger(cfg, name="merger")(h[0])
-        hidden = jnp.concatenate([x[None], ys], axis=0)[:, 0] if output_hidden_states else None
-        return QwenVisionOutput(last_hidden=h[0], merged=merged, hidden_states=hidden)
+            inverse = jnp.argsort(order, axis=-1)
+            x, h = rows(x, inverse), rows(h, inverse)
+            ys = None if ys is None else jax.vmap(rows, in_axes=(0, None))(ys, inverse)
+        merged = PatchMerger(cfg, name="merger")(h)                                  # [B*N/m^2, D]
+        hidden = jnp.concatenate([x[None], ys], axis=0) if output_hidden_states else None
+        if packed:
+            h, hidden = h[0], None if hidden is None else hidden[:, 0]
+        return QwenVisionOutput(last_hidden=h, merged=merged, hidden_states=hidden)
 
 
 # ----------------------------------------------------------------------------- M-RoPE index
@@ -527,12 +556,21 @@ def check_inputs(cfg: Qwen2VLConfig, input_ids, pixel_values=None, image_grid_th
             raise ValueError(f"{name} grid {bad[0].tolist()} (t, h, w in patches) is smaller than one merged patch or "
                              f"not a multiple of spatial_merge_size={m}: images must be at least "
                              f"{m * cfg.vision.patch_size}px and resized to multiples of it (smart_resize)")
-        n_rows, n_patches = int(np.shape(pix)[0]), int(real.prod(-1).sum())
-        if n_patches > n_rows:
-            raise ValueError(f"{name}_grid_thw describes {n_patches} patches but pixel values hold only {n_rows} rows")
-        if np.any(np.asarray(pix)[n_patches:] != 0):
-            raise ValueError(f"{name}_grid_thw describes {n_patches} patches but pixel values have {n_rows} rows with "
-                             f"non-zero data past them (grid and pixel values do not match)")
+        n_patches = int(real.prod(-1).sum())
+        # Packed rows are one slot holding every grid; slots ([S, M, D]) hold one grid each.
+        slots = [(np.asarray(pix), real)] if np.ndim(pix) == 2 else list(zip(np.asarray(pix), grid[:, None]))
+        if np.ndim(pix) == 3 and len(grid) != np.shape(pix)[0]:
+            raise ValueError(f"{name} slots: pixel values have {np.shape(pix)[0]} slots but {name}_grid_thw has "
+                             f"{len(grid)} rows (one grid per slot, zeros for an empty slot)")
+        for i, (rows, g) in enumerate(slots):
+            where = "" if np.ndim(pix) == 2 else f" in slot {i}"
+            need = int(g.prod(-1).sum())
+            if need > len(rows):
+                raise ValueError(f"{name}_grid_thw describes {need} patches{where} but pixel values hold only "
+                                 f"{len(rows)} rows")
+            if np.any(rows[need:] != 0):
+                raise ValueError(f"{name}_grid_thw describes {need} patches{where} but pixel values have {len(rows)} "
+                                 f"rows with non-zero data past them (grid and pixel values do not match)")
         n_feat = n_patches // cfg.vision.merge_unit
         if n_tok != n_feat:
             raise ValueError(f"{name} tokens do not match {name} features: the prompt has {n_tok} {name} tokens "
@@ -565,8 +603,22 @@ class Qwen2VL(nn.Module):
                pixel_values_videos: Array | None = None, video_grid_thw: Array | None = None,
                output_hidden_states: bool = False) -> tuple[QwenVisionOutput, int]:
         """One tower call over images then videos. Returns the output and the static row where the
-        video features start among the merged features."""
+        video features start among the merged features.
+
+        Images in slots (pixel_values `[S, M, D]`, one image per slot, grid `[S, 3]`): one tower row
+        per slot, and `merged` holds the real slots' features in slot order, then padding."""
         vcfg = self.cfg.vision
+        if pixel_values is not None and pixel_values.ndim == 3:
+            if pixel_values_videos is not None:
+                raise ValueError("images in slots (pixel_values [S, M, D]) cannot be mixed with videos: pass the "
+                                 "images packed ([N, D], HF's layout) to encode them together")
+            vis = self.visual(pixel_values, slot_layout(image_grid_thw, pixel_values.shape[1], vcfg),
+                              output_hidden_states)
+            u = pixel_values.shape[1] // vcfg.merge_unit
+            sizes = jnp.prod(jnp.asarray(image_grid_thw).reshape(-1, 3), axis=-1) // vcfg.merge_unit
+            real = (jnp.arange(u)[None, :] < sizes[:, None]).reshape(-1)
+            merged = vis.merged[jnp.argsort(~real, stable=True)]
+            return vis.replace(merged=merged), merged.shape[0]
         parts, layouts = [], []
         for pix, grid in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw)):
             if pix is not None:
@@ -594,6 +646,9 @@ class Qwen2VL(nn.Module):
 
         pixel_values `[N, C*T*P*P]`: the patches of all images of the batch in order, padded to a
         static N with zero rows; image_grid_thw `[G, 3]` padded with zero rows. Videos likewise.
+        Or images in slots, `[S, M, C*T*P*P]` with image_grid_thw `[S, 3]`: slot s holds one image's
+        `prod(grid[s])` rows then zeros (empty slots: zero grid row), the images in prompt order; the
+        tower then runs one row per slot, which shards over the batch (what training feeds).
         positions: `[3, B, T]`; default `rope_index(...)` (prefill). With a cache, pass them
         (`rope_index` for the prefill, `decode_positions` for later steps).
         Outputs as `VLMOutput`: `vision_hidden_states [Lv+1, N, Dv]` (images then videos, processor
@@ -614,6 +669,8 @@ class Qwen2VL(nn.Module):
             if pixel_values_videos is not None:
                 embeds = splice_image_features(embeds, video_mask, feats[n_img:])
         if positions is None:
+            if pixel_values is not None and pixel_values.ndim == 3:
+                image_grid_thw = image_grid_thw[real_slots_first(image_grid_thw)]
             if cache is not None:
                 raise ValueError("with a KV cache pass positions: rope_index(...) for the prefill, "
                                  "decode_positions(...) for later steps")

@@ -30,7 +30,7 @@ import optax
 
 from jaxvlm.models.clip import CLIPVision, CLIPVisionConfig
 from jaxvlm.models.params import load_param_tree, save_param_tree
-from jaxvlm.models.qwen2_vl import QwenVisionConfig, QwenVisionTower, patch_layout
+from jaxvlm.models.qwen2_vl import QwenVisionConfig, QwenVisionTower, slot_layout
 
 VisionConfig = CLIPVisionConfig | QwenVisionConfig
 
@@ -122,18 +122,11 @@ def tower_name(cfg: VisionConfig) -> str:
     return "visual" if isinstance(cfg, QwenVisionConfig) else "vision_tower"
 
 
-class _QwenTowerStates(QwenVisionTower):
-    """`QwenVisionTower` that always returns its per-layer states (a fixed call signature for nn.vmap)."""
-
-    def __call__(self, pixel_values, layout):
-        return super().__call__(pixel_values, layout, output_hidden_states=True)
-
-
 class DenseHeads(nn.Module):
     """The tower (named as in the VLM: `tower_name`) and linear per-patch heads on one layer.
 
     CLIP: pixel_values `[N, C, S, S]`, CLS dropped. Qwen2/2.5-VL: pixel_values `[N, P, C*T*p*p]`, the
-    patch rows of N square single-frame images, one packed tower call; the heads read the blocks'
+    patch rows of N square single-frame images, one tower row each; the heads read the blocks'
     per-patch states (the merger's input), in the rows' order."""
 
     cfg: VisionConfig
@@ -145,13 +138,13 @@ class DenseHeads(nn.Module):
     @nn.compact
     def __call__(self, pixel_values):
         if isinstance(self.cfg, QwenVisionConfig):
-            # One tower call per image (vmapped, shared weights): a packed call over all N images
-            # would build an [N*P, N*P] frame mask for the full-attention blocks.
-            g = int(round(pixel_values.shape[1] ** 0.5))
-            layout = patch_layout(jnp.asarray([[1, g, g]], jnp.int32), g * g, self.cfg)
-            tower = nn.vmap(_QwenTowerStates, in_axes=(0, None), variable_axes={"params": None},
-                            split_rngs={"params": False})(self.cfg, name=tower_name(self.cfg))
-            h = tower(pixel_values, layout).hidden_states[:, self.feature_layer]   # [N, P, D]
+            # One tower row per image: a packed call over all N images would build an [N*P, N*P]
+            # frame mask for the full-attention blocks.
+            n, p = pixel_values.shape[:2]
+            g = int(round(p ** 0.5))
+            layout = slot_layout(jnp.tile(jnp.asarray([[1, g, g]], jnp.int32), (n, 1)), p, self.cfg)
+            tower = QwenVisionTower(self.cfg, name=tower_name(self.cfg))
+            h = tower(pixel_values, layout, output_hidden_states=True).hidden_states[self.feature_layer]  # [N, P, D]
         else:
             h = CLIPVision(self.cfg, name="vision_tower")(pixel_values, output_hidden_states=True)
             h = h.hidden_states[self.feature_layer][:, 1:]            # patches, CLS dropped: [N, P, D]

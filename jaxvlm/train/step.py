@@ -69,39 +69,21 @@ def real_images_first(pixel_values: jax.Array, image_mask: jax.Array | None) -> 
     return pixel_values[order]
 
 
-def pack_patch_slots(pixel_values: jax.Array, grid_thw: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Qwen2/2.5-VL image slots -> one packed patch sequence and its grids, as `Qwen2VL` takes them.
-
-    pixel_values `[S, M, D]`: each slot's `t*h*w` patch rows, then zero rows up to M (empty slots all
-    zero); grid_thw `[S, 3]` (zero rows for empty slots). Returns (`[S*M, D]`: the real rows of every
-    slot in slot order, then zeros; `[S, 3]`: the real grids in slot order, then the zero rows). The
-    model's M-RoPE index gives the k-th image of the batch the k-th grid row, so an empty slot's zero
-    row must not sit between two images' grids."""
-    s, m, d = pixel_values.shape
-    sizes = jnp.prod(grid_thw, axis=-1)
-    real = jnp.arange(m)[None, :] < sizes[:, None]                              # [S, M]
-    order = jnp.argsort(~real.reshape(-1), stable=True)
-    pix = jnp.where(real.reshape(-1)[order][:, None], pixel_values.reshape(s * m, d)[order], 0)
-    return pix, grid_thw[jnp.argsort(sizes == 0, stable=True)]
-
-
 def vlm_lm_loss(model: nn.Module, apply_params: Callable[[Any, jax.Array], Any] | None = None) -> LossFn:
     """Standard VLM SFT loss: `loss_fn(params, batch, rng) -> (loss, metrics)`.
 
     batch: input_ids `[B, T]`, labels `[B, T]` (-100 = unsupervised), attention_mask `[B, T]`, and,
     as `jaxvlm.data.pipeline` produces them, either LLaVA's pixel_values `[N, C, H, W]` with
     image_valid `[N]` (real image slots), or Qwen2/2.5-VL's per-slot patches `[N, M, C*T*P*P]` with
-    image_grid_thw `[N, 3]` and mm_token_type_ids `[B, T]` (packed by `pack_patch_slots`).
+    image_grid_thw `[N, 3]` and mm_token_type_ids `[B, T]` (the tower runs one row per slot, so it
+    shards over the batch like the LM).
     apply_params: maps the trainable tree to model params (e.g. a LoRA merge); default identity.
     """
     def loss_fn(params, batch, rng):
         p = apply_params(params, rng) if apply_params is not None else params
         pix = batch.get("pixel_values")
         if "image_grid_thw" in batch:
-            grid = batch["image_grid_thw"]
-            if pix is not None:
-                pix, grid = pack_patch_slots(pix, grid)
-            out = model.apply({"params": p}, batch["input_ids"], pix, grid,
+            out = model.apply({"params": p}, batch["input_ids"], pix, batch["image_grid_thw"],
                               mm_token_type_ids=batch.get("mm_token_type_ids"),
                               attention_mask=batch.get("attention_mask"))
         else:
