@@ -29,3 +29,10 @@ def run_steps(setup: dict, shape, accum: int = 1, n: int = 2) -> dict:
         state, m = step(state, batch)
         losses.append(float(m["loss"]))
     return dict(mesh=mesh, state=state, losses=losses, step=step, batch=batch, metrics=m, st_sh=st_sh)
+
+
+def assert_no_replication_fallback(stderr: str) -> None:
+    """The SPMD partitioner logs (to stderr, while compiling) each reshard it can only do by
+    replicating the whole tensor first: on a pod that is an all-gather of a full activation."""
+    hits = [ln for ln in stderr.splitlines() if "Involuntary full rematerialization" in ln]
+    assert not hits, f"{len(hits)} reshards replicate a whole tensor, e.g. {hits[0][:400]}"

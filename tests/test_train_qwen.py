@@ -13,7 +13,7 @@ from jaxvlm.models.params import init_params, logical_axes
 from jaxvlm.train import optim as O
 from jaxvlm.train.step import next_token_loss, vlm_lm_loss
 
-from sharding_utils import run_steps
+from sharding_utils import assert_no_replication_fallback, run_steps
 TOL = 1e-5
 IMG, VS, VE, VID = 120, 121, 122, 123
 B, SLOTS, M_ROWS, T = 8, 2, 32, 48
@@ -120,10 +120,12 @@ def test_slot_batch_equals_the_packed_forward(setup):
     assert int(metrics["num_tokens"]) == int(((b["labels"][:, 1:]) != -100).sum())
 
 
-def test_sharded_accumulated_step_matches_single_device(setup):
+def test_sharded_accumulated_step_matches_single_device(setup, capfd):
     """data x fsdp x tensor = 2 x 2 x 2 with 2 micro-batches (each splits the image slots with their
-    samples) == one device, one batch: losses and updated parameters."""
+    samples) == one device, one batch: losses and updated parameters; the tower's rows shard with the
+    batch (no activation replicated whole)."""
     ref, out = run_steps(setup, (1, 1, 1)), run_steps(setup, (2, 2, 2), accum=2)
+    assert_no_replication_fallback(capfd.readouterr().err)
     ref_state, ref_losses, state, losses = ref["state"], ref["losses"], out["state"], out["losses"]
     np.testing.assert_allclose(losses, ref_losses, rtol=TOL)
     assert losses[1] < losses[0]

@@ -20,7 +20,7 @@ from jaxvlm.train.checkpoint import Checkpointer
 from jaxvlm.train.sources import SyntheticConfig, synthetic_dataset
 from jaxvlm.train.step import vlm_lm_loss
 
-from sharding_utils import run_steps
+from sharding_utils import assert_no_replication_fallback, run_steps
 
 TOL = 1e-5
 # (mesh, accumulation steps): (2, 2, 2) also accumulates over 2 micro-batches, which must equal the
@@ -70,8 +70,9 @@ def runs(setup):
 
 
 @pytest.mark.parametrize("shape,accum", MESHES)
-def test_sharded_step_matches_single_device(setup, reference, runs, shape, accum):
+def test_sharded_step_matches_single_device(setup, reference, runs, shape, accum, capfd):
     out = runs[shape] = run_steps(setup, shape, accum=accum)
+    assert_no_replication_fallback(capfd.readouterr().err)
     for got, want in zip(out["losses"], reference["losses"]):
         assert abs(got - want) / abs(want) < TOL
     ref_p = jax.device_get(reference["state"].params)

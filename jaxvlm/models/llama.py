@@ -217,7 +217,12 @@ class DecoderLM(nn.Module):
 
     def embed(self, input_ids: Array) -> Array:
         """`[B, T]` ids -> `[B, T, D]` embeddings."""
-        return self.embed_tokens(input_ids)
+        # The table's embed shards are gathered first (as FSDP gathers any weight before use): a
+        # lookup in the sharded table gives rows split along D over the axis the batch also uses,
+        # which XLA can only reach the batch-sharded activations from by replicating them whole.
+        table = L.constrain(self.embed_tokens.embedding, ("vocab", None))
+        rows = jnp.take(table, input_ids, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        return L.constrain(rows, ("batch", "seq", "embed"))
 
     def head(self, h: Array) -> Array:
         """`lm_head` on states that are already normed."""
