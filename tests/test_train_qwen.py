@@ -1,7 +1,7 @@
 """Training Qwen2.5-VL through the shared train step: per-slot patch batches (as `jaxvlm.data.pipeline`
-makes them) run through the tower one row per slot, equal to HF's packed layout; the sharded step with gradient accumulation equals the
-single-device step, the train config builds the family, and stage 0's Qwen targets follow the
-processor's patch order."""
+makes them) run through the tower one row per slot, equal to HF's packed layout; the sharded step
+with gradient accumulation equals the single-device step, the train config builds the family, and
+stage 0's Qwen targets follow the processor's patch order."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,20 +68,25 @@ def setup():
 
 def test_tower_slot_rows_equal_the_packed_tower(setup):
     """The tower on one row per slot (empty slots included) == the tower on the real rows packed into
-    one sequence: every patch's last state, and the merged features (real slots first, in order)."""
+    one sequence: every patch's state after every block, and the merged features (real slots first, in order)."""
     b, model, p, cfg = setup["batch"], setup["model"], setup["params"], setup["cfg"]
     pix, grid = jnp.asarray(b["pixel_values"]), jnp.asarray(b["image_grid_thw"])
     real = b["image_grid_thw"][:, 0] > 0
     sizes = b["image_grid_thw"].prod(-1)
     rows = np.concatenate([x[:n] for x, n in zip(b["pixel_values"], sizes)])
-    packed = model.apply({"params": p}, jnp.asarray(rows), jnp.asarray(b["image_grid_thw"][real]), method="encode")[0]
-    slotted, n_img = model.apply({"params": p}, pix, grid, method="encode")
+    packed = model.apply({"params": p}, jnp.asarray(rows), jnp.asarray(b["image_grid_thw"][real]),
+                         output_hidden_states=True, method="encode")[0]
+    slotted, n_img = model.apply({"params": p}, pix, grid, output_hidden_states=True, method="encode")
     lay = Q.slot_layout(grid, M_ROWS, cfg.vision)
     wins = jax.vmap(lambda lay: Q.vision_windows(lay, Q.patch_window_order(lay, cfg.vision), cfg.vision))(lay)
     assert bool(jnp.all(wins.slots.fits))                           # the slotted window path, not the fallback
     scale = np.abs(np.asarray(packed.last_hidden)).max()
     got = np.concatenate([h[:n] for h, n in zip(np.asarray(slotted.last_hidden), sizes)])
     assert np.abs(got - np.asarray(packed.last_hidden)).max() <= TOL * scale
+    hs, want_hs = np.asarray(slotted.hidden_states), np.asarray(packed.hidden_states)     # [L+1, S, M, D], [L+1, N, D]
+    assert hs.shape[:3] == (cfg.vision.num_layers + 1, B * SLOTS, M_ROWS)
+    got_hs = np.concatenate([hs[:, i, :n] for i, n in enumerate(sizes)], axis=1)
+    assert np.abs(got_hs - want_hs).max() <= TOL * np.abs(want_hs).max()
     n = int(sizes.sum()) // 4
     assert n_img == B * SLOTS * M_ROWS // 4 and 0 < real.sum() < len(real) and not real[0]   # empty slots in between
     want = np.asarray(packed.merged)
@@ -183,6 +188,10 @@ def test_slot_inputs_are_checked(setup):
     pix[s, int(np.prod(grid[s]))] = 1.0                   # data past the slot's grid
     with pytest.raises(ValueError, match=f"describes {int(np.prod(grid[s]))} patches in slot {s} but pixel values"):
         model.check_inputs(ids, pix, grid)
+    big = grid.copy()
+    big[s] = (1, 8, 8)                                    # 64 patches in a slot of M_ROWS rows
+    with pytest.raises(ValueError, match=f"describes 64 patches in slot {s} but pixel values hold only {M_ROWS} rows"):
+        model.check_inputs(ids, b["pixel_values"], big)
     with pytest.raises(ValueError, match="cannot be mixed with videos"):
         model.apply({"params": setup["params"]}, b["pixel_values"], grid, b["pixel_values"][0], np.array([[1, 4, 8]]),
                     method="encode")

@@ -253,11 +253,12 @@ def slot_layout(grid_thw: Array, rows: int, cfg: QwenVisionConfig) -> PatchLayou
     return jax.vmap(lambda g: patch_layout(g[None], rows, cfg))(jnp.asarray(grid_thw, jnp.int32).reshape(-1, 3))
 
 
-def real_slots_first(grid_thw: Array) -> Array:
-    """`[S]` permutation putting the slots with an image (non-zero grid row) first, in order: the M-RoPE
-    index gives the k-th image of the batch the k-th grid row, so an empty slot's zero row must not
-    sit between two images' grids."""
-    return jnp.argsort(jnp.prod(grid_thw, axis=-1) == 0, stable=True)
+def real_first(mask: Array) -> Array:
+    """Stable permutation putting the True entries of `mask [S]` first, in order. For image slots
+    (`mask = grid.prod(-1) > 0`): the M-RoPE index gives the k-th image of the batch the k-th grid
+    row, so an empty slot's zero row must not sit between two images' grids; for merged features:
+    each real slot's rows, then padding."""
+    return jnp.argsort(~mask, stable=True)
 
 
 def window_order(layout: PatchLayout, cfg: QwenVisionConfig) -> Array:
@@ -617,7 +618,7 @@ class Qwen2VL(nn.Module):
             u = pixel_values.shape[1] // vcfg.merge_unit
             sizes = jnp.prod(jnp.asarray(image_grid_thw).reshape(-1, 3), axis=-1) // vcfg.merge_unit
             real = (jnp.arange(u)[None, :] < sizes[:, None]).reshape(-1)
-            merged = vis.merged[jnp.argsort(~real, stable=True)]
+            merged = vis.merged[real_first(real)]
             return vis.replace(merged=merged), merged.shape[0]
         parts, layouts = [], []
         for pix, grid in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw)):
@@ -670,7 +671,7 @@ class Qwen2VL(nn.Module):
                 embeds = splice_image_features(embeds, video_mask, feats[n_img:])
         if positions is None:
             if pixel_values is not None and pixel_values.ndim == 3:
-                image_grid_thw = image_grid_thw[real_slots_first(image_grid_thw)]
+                image_grid_thw = image_grid_thw[real_first(jnp.prod(image_grid_thw, axis=-1) > 0)]
             if cache is not None:
                 raise ValueError("with a KV cache pass positions: rope_index(...) for the prefill, "
                                  "decode_positions(...) for later steps")
