@@ -156,12 +156,13 @@ def test_causal_query_blocks_and_mask_bias_match_one_full_attention():
 
     # ~48 queries per block, at most 8 (1 below 96); blocks need not divide t (771 = 3 x 257, 773 prime)
     assert [causal_query_blocks(t) for t in (80, 100, 192, 256, 512, 1024, 771, 773, 4096)] == [1, 2, 4, 5, 8, 8, 8, 8, 8]
-    b, t, h, kvh, d = 2, 96, 4, 2, 8
+    b, t, h, kvh, d = 3, 96, 4, 2, 8
     ks = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(ks[0], (b, t, h, d))
     k = jax.random.normal(ks[1], (b, t, kvh, d))
     v = jax.random.normal(ks[2], (b, t, kvh, d))
-    valid = jnp.arange(t)[None] >= jnp.array([[0], [17]])          # row 1 left-padded by 17
+    # row 1 left-padded by 17, row 2 right-padded by 11 (the blocks rebuild the mask from its last row)
+    valid = (jnp.arange(t)[None] >= jnp.array([[0], [17], [0]])) & (jnp.arange(t)[None] < jnp.array([[t], [t], [t - 11]]))
     mask = L.causal_mask(jnp.arange(t), valid)
     # reference: explicit select + softmax, no blocks
     qg = q.reshape(b, t, kvh, h // kvh, d) * d ** -0.5
