@@ -223,11 +223,11 @@ def test_llava_pad_to_square_matches_manual_expand(proc):
 
 
 def test_empty_slots_with_llava_splice(world, tok, proc):
-    """The documented model-side recipe: stable argsort on ~image_valid, then the row-major splice, puts each
-    sample's own image features on its image tokens."""
+    """The documented model-side recipe: real slots first (`llava.real_first`, what the train step does), then
+    the row-major splice, puts each sample's own image features on its image tokens."""
     import jax
     import jax.numpy as jnp
-    from jaxvlm.models.llava import splice_image_features
+    from jaxvlm.models.llava import real_first, splice_image_features
     b = next(iter(make(world, tok, proc, shuffle=False, num_epochs=1)))
     assert not b["image_valid"].all()                      # batch 0 has a text-only and a two-image record
 
@@ -235,7 +235,7 @@ def test_empty_slots_with_llava_splice(world, tok, proc):
     def splice(input_ids, image_valid):
         n_slots = image_valid.shape[0]
         feats = jnp.broadcast_to(jnp.arange(n_slots, dtype=jnp.float32)[:, None, None], (n_slots, TPI, 1))  # slot id
-        feats = feats[jnp.argsort(~image_valid, stable=True)]
+        feats = feats[real_first(image_valid)]
         return splice_image_features(jnp.full((B, T, 1), -1.0), input_ids == IMAGE_ID, feats.reshape(-1, 1))
 
     out = np.asarray(splice(b["input_ids"], b["image_valid"]))[..., 0]

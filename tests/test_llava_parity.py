@@ -161,7 +161,7 @@ def test_causal_query_blocks_and_mask_bias_match_one_full_attention():
     q = jax.random.normal(ks[0], (b, t, h, d))
     k = jax.random.normal(ks[1], (b, t, kvh, d))
     v = jax.random.normal(ks[2], (b, t, kvh, d))
-    # row 1 left-padded by 17, row 2 right-padded by 11 (the blocks rebuild the mask from its last row)
+    # row 1 left-padded by 17, row 2 right-padded by 11 (padding queries after the valid keys)
     valid = (jnp.arange(t)[None] >= jnp.array([[0], [17], [0]])) & (jnp.arange(t)[None] < jnp.array([[t], [t], [t - 11]]))
     mask = L.causal_mask(jnp.arange(t), valid)
     # reference: explicit select + softmax, no blocks

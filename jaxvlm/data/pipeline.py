@@ -21,7 +21,7 @@ Empty image slots (how the model side should treat them): a sample with ``k < S`
 of image tokens in its ``input_ids`` and zero pixels in its slots ``k..S-1``; the image tokens in the batch
 therefore number ``sum(image_valid) * tokens_per_image``, not ``B*S*tokens_per_image``. Encode all ``B*S`` slots
 (static shape), then move the valid slots to the front in order before the row-major splice, e.g.
-``feats = feats[jnp.argsort(~image_valid, stable=True)]`` followed by ``llava.splice_image_features`` — its
+``feats = feats[llava.real_first(image_valid)]`` followed by ``llava.splice_image_features`` — its
 cumulative index then never reaches the padding slots. (``Llava.__call__``'s host-side ``check_image_tokens``
 compares against ``pixel_values.shape[0]``, so pass only the valid slots when calling it eagerly.)
 

@@ -99,6 +99,13 @@ def splice_image_features(embeds: Array, image_mask: Array, features: Array) -> 
     return jnp.where(image_mask[..., None], gathered, embeds)
 
 
+def real_first(mask: Array) -> Array:
+    """Stable permutation putting the True entries of `mask [S]` first, in order: real image slots
+    (or their feature rows, or their grid rows) ahead of padding, so that `splice_image_features`,
+    which takes features in order of the image tokens, never reads a padding slot."""
+    return jnp.argsort(~mask.astype(bool), stable=True)
+
+
 def check_image_tokens(input_ids, n_images: int, tokens_per_image: int, image_token_id: int) -> None:
     """Host-side check (skipped under tracing): image tokens must match the features exactly."""
     if isinstance(input_ids, jax.core.Tracer):

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxvlm.models import layers as L
 from jaxvlm.models.llama import DecoderLM, LMConfig
-from jaxvlm.models.llava import VLMOutput, splice_image_features
+from jaxvlm.models.llava import VLMOutput, real_first, splice_image_features
 
 Array = jax.Array
 
@@ -251,14 +251,6 @@ def slot_layout(grid_thw: Array, rows: int, cfg: QwenVisionConfig) -> PatchLayou
     `t*h*w` patch rows first, then padding (the tower's row input, as `jaxvlm.data.pipeline` batches
     Qwen images)."""
     return jax.vmap(lambda g: patch_layout(g[None], rows, cfg))(jnp.asarray(grid_thw, jnp.int32).reshape(-1, 3))
-
-
-def real_first(mask: Array) -> Array:
-    """Stable permutation putting the True entries of `mask [S]` first, in order. For image slots
-    (`mask = grid.prod(-1) > 0`): the M-RoPE index gives the k-th image of the batch the k-th grid
-    row, so an empty slot's zero row must not sit between two images' grids; for merged features:
-    each real slot's rows, then padding."""
-    return jnp.argsort(~mask, stable=True)
 
 
 def window_order(layout: PatchLayout, cfg: QwenVisionConfig) -> Array:
@@ -671,6 +663,8 @@ class Qwen2VL(nn.Module):
                 embeds = splice_image_features(embeds, video_mask, feats[n_img:])
         if positions is None:
             if pixel_values is not None and pixel_values.ndim == 3:
+                # The M-RoPE index gives the k-th image of the batch the k-th grid row: an empty slot's
+                # zero row must not sit between two images' grids.
                 image_grid_thw = image_grid_thw[real_first(jnp.prod(image_grid_thw, axis=-1) > 0)]
             if cache is not None:
                 raise ValueError("with a KV cache pass positions: rope_index(...) for the prefill, "

@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxvlm.models.llava import real_first
 from jaxvlm.train import sharding as S
 from jaxvlm.train.optim import Optimizer
 from jaxvlm.train.state import TrainState
@@ -65,8 +66,7 @@ def real_images_first(pixel_values: jax.Array, image_mask: jax.Array | None) -> 
     model's splice (features taken in order of the image tokens) never reads a padding slot."""
     if image_mask is None:
         return pixel_values
-    order = jnp.argsort(~image_mask.astype(bool), stable=True)
-    return pixel_values[order]
+    return pixel_values[real_first(image_mask)]
 
 
 def vlm_lm_loss(model: nn.Module, apply_params: Callable[[Any, jax.Array], Any] | None = None) -> LossFn:
