@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import alternate, best_of, emit, gemm_peak, median_ratio  # noqa: E402
+from timing import alternate, best_of, conditions, emit, gemm_peak, median_ratio  # noqa: E402
 
 
 def model_flops(text, vision, seq: int, n_img_tokens: int) -> float:
@@ -56,6 +56,7 @@ def main() -> None:
         "torch_mfu": round(statistics.median(flops / t / p for t, p in zip(tt, peaks)), 3),
         "jaxvlm_compile_s": runs["jax"][0]["compile_s"], "threads": runs["torch"][0]["threads"],
         "per_round_s": {"jax": [round(t, 3) for t in jt], "torch": [round(t, 3) for t in tt]},
+        **conditions(),
     }
     print(json.dumps(res, indent=1))
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import alternate, best_of, emit, median_ratio  # noqa: E402
+from timing import alternate, best_of, conditions, emit, median_ratio  # noqa: E402
 
 IMG, VID, VS, VE = 32000, 32001, 32002, 32003
 
@@ -53,6 +53,7 @@ def main():
     err = float(np.abs(ours - ref).max() / np.abs(ref).max())
     jt, tt = [r["seconds"] for r in runs["jax"]], [r["seconds"] for r in runs["torch"]]
     print(runs["jax"][0]["info"])
+    print(f"conditions: {conditions()}")
     print(f"jax compile: {runs['jax'][0]['compile_s']:.2f}s")
     print(f"forward (median of {args.repeats} rounds, each side in its own process): jaxvlm "
           f"{statistics.median(jt) * 1e3:.0f} ms, transformers {statistics.median(tt) * 1e3:.0f} ms, "

@@ -28,7 +28,7 @@ from jaxvlm.train import state as ST
 from jaxvlm.train.step import StepShardings, make_train_step, vlm_lm_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import alternate, emit, median_ratio  # noqa: E402
+from timing import alternate, conditions, emit, median_ratio  # noqa: E402
 
 #: "100m": the ~100M LLaVA-shaped model; "demo": `configs/shapes_llava.py`'s ~2M model (4 unrolled layers,
 #: GQA 6/2, vocab 1024, 112 px / 16 px patches), where fixed per-op costs weigh more than the GEMMs.
@@ -170,7 +170,7 @@ def main():
         "jaxvlm_remat_tokens_per_s": tokens / remat["step_s"],
         "xla_temp_bytes_no_remat": jx["temp_bytes"], "xla_temp_bytes_remat_full": remat["temp_bytes"],
         "loss": {"jaxvlm": jx["loss"], "torch": pt["loss"]}, "torch_threads": pt["threads"],
-        "device": str(jax.devices()[0].platform),
+        "device": str(jax.devices()[0].platform), **conditions(),
     }
     print(json.dumps(out, indent=2))
 

@@ -13,6 +13,8 @@ taken per round (neighbouring processes, same conditions) and summarised by the 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +34,30 @@ def best_of(fn: Callable[[], object], calls: int, warmup: int = 1) -> float:
     return best
 
 
+def child_env() -> dict[str, str]:
+    """The environment both sides' processes run in: the malloc tunables the `jaxvlm` command sets
+    for itself (`jaxvlm.cli.malloc_tunables`), for jax and torch alike, unless this process already has
+    `GLIBC_TUNABLES` or `JAXVLM_NO_HUGEPAGES` is set."""
+    env = dict(os.environ)
+    if sys.platform == "linux" and "GLIBC_TUNABLES" not in env and not env.get("JAXVLM_NO_HUGEPAGES"):
+        from jaxvlm.cli import malloc_tunables
+        env["GLIBC_TUNABLES"] = malloc_tunables("bench")
+    return env
+
+
+def conditions() -> dict:
+    """What a number depends on beyond the code: the CPU and the glibc malloc tunables both sides ran
+    under (on session 16's AVX2 box they moved causal attention at T=1024 from 32-36 ms a layer to
+    20-23 ms: without them XLA's temporaries are mmap'd and first-touched on every call)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "glibc_tunables": child_env().get("GLIBC_TUNABLES", "")}
+
+
 def gemm_peak(n: int = 2048, calls: int = 5) -> float:
     """FLOP/s of the faster of an n^3 fp32 matmul in jax and in torch (this process)."""
     import jax
@@ -49,14 +75,16 @@ def emit(result: dict) -> None:
 
 
 def alternate(script: str, args: list[str], sides: tuple[str, ...], rounds: int) -> dict[str, list[dict]]:
-    """Run `python script *args --side S` for every side, `rounds` times in alternation.
+    """Run `python script *args --side S` for every side, `rounds` times in alternation, each in
+    `child_env()`.
 
     Returns each side's child reports in round order. A child that fails raises with its stderr.
     """
     out: dict[str, list[dict]] = {s: [] for s in sides}
     for r in range(rounds):
         for side in sides:
-            proc = subprocess.run([sys.executable, script, *args, "--side", side], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, script, *args, "--side", side], capture_output=True, text=True,
+                                  env=child_env())
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
             if proc.returncode or not lines:
                 raise RuntimeError(f"bench child {side} (round {r}) failed with code {proc.returncode}:\n"

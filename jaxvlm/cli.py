@@ -9,10 +9,24 @@ import importlib
 import os
 import sys
 
-# XLA:CPU (and torch) write large intermediates into freshly mmap'd memory on every call; backing
-# malloc with transparent huge pages cuts the page faults. Measured on the 2-core dev box: forward
-# 1.1-1.25x, train step ~1.13x faster. glibc reads tunables only at start-up, hence a re-exec.
+# XLA:CPU writes large intermediates into freshly mmap'd memory on every call, and first-touching
+# them costs as much as the work: causal attention at T=1024 took 32-36 ms a layer that way, 20-23 ms
+# without it (session 16's AVX2 box). glibc reads its tunables only at start-up, hence a re-exec with
+# - transparent huge pages behind malloc (`hugetlb=1`: forward 1.1-1.25x, train step ~1.13x faster on
+#   earlier boxes), and
+# - a heap that keeps what it has (`HEAP_TUNABLES`: no mmap'd chunks, no trimming), so each call reuses
+#   the last call's pages. Session 16, in alternating processes: the LLaVA forward bench 1.06-1.07x
+#   torch at MFU 0.87 (huge pages alone: 0.97x, 0.82), Qwen2.5-VL 1.18x (0.97x), the demo's train step
+#   +7-11%. The price is memory never handed back, so `convert`, whose target is peak RSS (1.26x of the
+#   checkpoint with huge pages alone, 1.57x with the heap kept), gets huge pages only.
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+HEAP_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
+LEAN_COMMANDS = ("convert",)
+
+
+def malloc_tunables(command: str) -> str:
+    """The `GLIBC_TUNABLES` value the `jaxvlm <command>` process restarts with."""
+    return HUGEPAGE_TUNABLE if command in LEAN_COMMANDS else f"{HUGEPAGE_TUNABLE}:{HEAP_TUNABLES}"
 
 
 def _restart_with_hugepages() -> None:
@@ -20,7 +34,7 @@ def _restart_with_hugepages() -> None:
     or `JAXVLM_NO_HUGEPAGES`)."""
     if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or os.environ.get("JAXVLM_NO_HUGEPAGES"):
         return
-    os.environ["GLIBC_TUNABLES"] = HUGEPAGE_TUNABLE
+    os.environ["GLIBC_TUNABLES"] = malloc_tunables(sys.argv[1] if len(sys.argv) > 1 else "")
     try:
         os.execv(sys.executable, [sys.executable, "-m", "jaxvlm.cli", *sys.argv[1:]])
     except OSError:
