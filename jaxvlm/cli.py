@@ -15,9 +15,9 @@ import sys
 # - transparent huge pages behind malloc (`hugetlb=1`: forward 1.1-1.25x, train step ~1.13x faster on
 #   earlier boxes), and
 # - a heap that keeps what it has (`HEAP_TUNABLES`: no mmap'd chunks, no trimming), so each call reuses
-#   the last call's pages. Session 16, in alternating processes: the LLaVA forward bench 1.06-1.07x
-#   torch at MFU 0.87 (huge pages alone: 0.97x, 0.82), Qwen2.5-VL 1.18x (0.97x), the demo's train step
-#   +7-11%. The price is memory never handed back, so `convert`, whose target is peak RSS (1.26x of the
+#   the last call's pages. Session 16, in alternating processes: the LLaVA forward bench 1.06-1.13x
+#   torch at MFU 0.87-0.89 (huge pages alone: 0.97x, 0.82), Qwen2.5-VL 1.07-1.18x (0.97x), the demo's
+#   train step +7-11%. The price is memory never handed back, so `convert`, whose target is peak RSS (1.26x of the
 #   checkpoint with huge pages alone, 1.57x with the heap kept), gets huge pages only.
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 HEAP_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
