@@ -10,7 +10,7 @@ import os
 import sys
 
 # XLA:CPU writes large intermediates into freshly mmap'd memory on every call, and first-touching
-# them costs as much as the work: causal attention at T=1024 took 32-36 ms a layer that way, 20-23 ms
+# those pages is a third of causal attention's time: 32-36 ms a layer at T=1024 that way, 20-23 ms
 # without it (session 16's AVX2 box). glibc reads its tunables only at start-up, hence a re-exec with
 # - transparent huge pages behind malloc (`hugetlb=1`: forward 1.1-1.25x, train step ~1.13x faster on
 #   earlier boxes), and
@@ -29,7 +29,7 @@ def malloc_tunables(command: str) -> str:
     return HUGEPAGE_TUNABLE if command in LEAN_COMMANDS else f"{HUGEPAGE_TUNABLE}:{HEAP_TUNABLES}"
 
 
-def _restart_with_hugepages() -> None:
+def _restart_with_malloc_tunables() -> None:
     """Re-exec this command once with `GLIBC_TUNABLES` set (Linux; not if the user set any tunable
     or `JAXVLM_NO_HUGEPAGES`)."""
     if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or os.environ.get("JAXVLM_NO_HUGEPAGES"):
@@ -51,7 +51,7 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:            # the console command (not a call from Python)
-        _restart_with_hugepages()
+        _restart_with_malloc_tunables()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="jaxvlm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,25 +1,30 @@
 """The `jaxvlm` console command restarts itself once with its malloc tunables (see `jaxvlm.cli`)."""
+import ctypes.util
+import os
+import subprocess
 import sys
+
+import pytest
 
 from jaxvlm import cli
 
 
-def test_console_command_restarts_once_with_hugepages(monkeypatch):
+def test_console_command_restarts_once_with_its_tunables(monkeypatch):
     calls = []
     monkeypatch.setattr(cli.os, "execv", lambda exe, args: calls.append((exe, args, dict(cli.os.environ))))
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(sys, "argv", ["jaxvlm", "eval", "--help"])
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv("JAXVLM_NO_HUGEPAGES", raising=False)
-    cli._restart_with_hugepages()
+    cli._restart_with_malloc_tunables()
     (exe, args, env), = calls
     assert args == [sys.executable, "-m", "jaxvlm.cli", "eval", "--help"]
     assert env["GLIBC_TUNABLES"] == f"{cli.HUGEPAGE_TUNABLE}:{cli.HEAP_TUNABLES}"   # eval keeps its heap
-    cli._restart_with_hugepages()            # the restarted process (tunable set) does not loop
+    cli._restart_with_malloc_tunables()            # the restarted process (tunable set) does not loop
     assert len(calls) == 1
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")    # a user's own tunables win
     monkeypatch.setenv("JAXVLM_NO_HUGEPAGES", "1")
-    cli._restart_with_hugepages()
+    cli._restart_with_malloc_tunables()
     assert len(calls) == 1
 
 
@@ -34,6 +39,32 @@ def test_convert_restarts_without_keeping_its_heap(monkeypatch):
                        (["jaxvlm"], f"{cli.HUGEPAGE_TUNABLE}:{cli.HEAP_TUNABLES}")):
         monkeypatch.setattr(sys, "argv", argv)
         monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-        cli._restart_with_hugepages()
+        cli._restart_with_malloc_tunables()
         assert calls[-1]["GLIBC_TUNABLES"] == want
     assert "mmap_max=0" in cli.HEAP_TUNABLES and "trim_threshold" in cli.HEAP_TUNABLES
+
+
+# Run under each command's tunables: glibc ignores a misspelt tunable silently, so check what it does.
+_PROBE = """
+import ctypes, ctypes.util
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.mallinfo2.restype = ctypes.c_void_p, Info
+p = libc.malloc(64 << 20)
+print(libc.mallinfo2().hblkhd)     # bytes in mmap'd chunks
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not ctypes.util.find_library("c"), reason="glibc tunables are Linux-only")
+def test_tunables_take_effect_in_glibc():
+    """The heap-kept commands put a 64 MB block on the heap (no mmap'd chunk); `convert` still mmaps it."""
+    def mmapped(command):
+        env = {**os.environ, "GLIBC_TUNABLES": cli.malloc_tunables(command)}
+        out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True)
+        if out.returncode:
+            pytest.skip(f"no mallinfo2 here (glibc < 2.33?): {out.stderr.strip()[-200:]}")
+        return int(out.stdout)
+    assert mmapped("train") == 0
+    assert mmapped("convert") >= 64 << 20
