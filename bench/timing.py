@@ -38,10 +38,11 @@ def child_env() -> dict[str, str]:
     """The environment both sides' processes run in: the malloc tunables the `jaxvlm` command sets
     for itself (`jaxvlm.cli.malloc_tunables`), for jax and torch alike, unless this process already has
     `GLIBC_TUNABLES` or `JAXVLM_NO_HUGEPAGES` is set."""
+    from jaxvlm.cli import tunables_to_set
     env = dict(os.environ)
-    if sys.platform == "linux" and "GLIBC_TUNABLES" not in env and not env.get("JAXVLM_NO_HUGEPAGES"):
-        from jaxvlm.cli import malloc_tunables
-        env["GLIBC_TUNABLES"] = malloc_tunables("bench")
+    tunables = tunables_to_set("bench", env)      # "bench" is no lean command: the heap is kept
+    if tunables is not None:
+        env["GLIBC_TUNABLES"] = tunables
     return env
 
 

@@ -8,6 +8,7 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Mapping
 
 # XLA:CPU writes large intermediates into freshly mmap'd memory on every call, and first-touching
 # those pages is a third of causal attention's time: 32-36 ms a layer at T=1024 that way, 20-23 ms
@@ -29,12 +30,22 @@ def malloc_tunables(command: str) -> str:
     return HUGEPAGE_TUNABLE if command in LEAN_COMMANDS else f"{HUGEPAGE_TUNABLE}:{HEAP_TUNABLES}"
 
 
+def tunables_to_set(command: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    """`malloc_tunables(command)`, or None where none are to be set: off Linux, when the user set
+    `GLIBC_TUNABLES` (theirs win), or with `JAXVLM_NO_HUGEPAGES`. The command and the benches
+    (`bench/timing.child_env`) both decide here."""
+    if sys.platform != "linux" or "GLIBC_TUNABLES" in environ or environ.get("JAXVLM_NO_HUGEPAGES"):
+        return None
+    return malloc_tunables(command)
+
+
 def _restart_with_malloc_tunables() -> None:
-    """Re-exec this command once with `GLIBC_TUNABLES` set (Linux; not if the user set any tunable
-    or `JAXVLM_NO_HUGEPAGES`)."""
-    if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or os.environ.get("JAXVLM_NO_HUGEPAGES"):
+    """Re-exec this command once with `tunables_to_set` in `GLIBC_TUNABLES` (the restarted process
+    has them set, so it does not loop)."""
+    tunables = tunables_to_set(sys.argv[1] if len(sys.argv) > 1 else "")
+    if tunables is None:
         return
-    os.environ["GLIBC_TUNABLES"] = malloc_tunables(sys.argv[1] if len(sys.argv) > 1 else "")
+    os.environ["GLIBC_TUNABLES"] = tunables
     try:
         os.execv(sys.executable, [sys.executable, "-m", "jaxvlm.cli", *sys.argv[1:]])
     except OSError:

@@ -41,7 +41,27 @@ def test_convert_restarts_without_keeping_its_heap(monkeypatch):
         monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
         cli._restart_with_malloc_tunables()
         assert calls[-1]["GLIBC_TUNABLES"] == want
-    assert "mmap_max=0" in cli.HEAP_TUNABLES and "trim_threshold" in cli.HEAP_TUNABLES
+
+
+def test_benches_run_under_the_commands_tunables(monkeypatch):
+    """`bench/timing.child_env` decides through `cli.tunables_to_set`, opt-outs included."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    try:
+        import timing
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("JAXVLM_NO_HUGEPAGES", raising=False)
+    assert timing.child_env()["GLIBC_TUNABLES"] == cli.malloc_tunables("train")
+    monkeypatch.setenv("JAXVLM_NO_HUGEPAGES", "1")
+    assert "GLIBC_TUNABLES" not in timing.child_env()
+    monkeypatch.delenv("JAXVLM_NO_HUGEPAGES")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert timing.child_env()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert cli.tunables_to_set("train", {}) is None and "GLIBC_TUNABLES" not in timing.child_env()
 
 
 # Run under each command's tunables: glibc ignores a misspelt tunable silently, so check what it does.
