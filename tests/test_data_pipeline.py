@@ -113,6 +113,34 @@ def test_get_state_set_state_resumes_exact_next_batch(world, tok, proc):
             np.testing.assert_array_equal(want[k], got[k])
 
 
+def test_curriculum_serves_easy_records_first_then_regular_epochs(world, tok, proc):
+    import dataclasses
+    records = [dataclasses.replace(r, extra={"num_objects": i % 4}) for i, r in enumerate(load_records(world[1]))]
+    stages = [(2, 0), (5, 1)]                       # batches 0-1: value 0 only; 2-4: value <= 1; then everything
+    it = iter(make(world, tok, proc, records_path=records, seed=5, curriculum=stages))
+    ids = [record_ids(b, tok) for b in take(it, 5 + 2 * (N // B))]
+    assert all(i % 4 == 0 for b in ids[:2] for i in b)
+    assert all(i % 4 <= 1 for b in ids[2:5] for i in b) and any(i % 4 == 1 for b in ids[2:5] for i in b)
+    # stage 1 has 12 records for 12 slots: one pass over its pool, no repeats
+    assert sorted(sum(ids[2:5], [])) == [i for i in range(N) if i % 4 <= 1]
+    # then the regular shuffled epochs, as without a curriculum
+    plain = [record_ids(b, tok) for b in take(iter(make(world, tok, proc, records_path=records, seed=5)), 2 * (N // B))]
+    assert ids[5:] == plain
+    # the state resumes inside the curriculum and across its end
+    it = iter(make(world, tok, proc, records_path=records, seed=5, curriculum=stages))
+    take(it, 4)
+    state = it.get_state()
+    it2 = iter(make(world, tok, proc, records_path=records, seed=5, curriculum=stages))
+    it2.set_state(state)
+    assert [record_ids(b, tok) for b in take(it2, 3)] == ids[4:7]
+    with pytest.raises(ValueError, match="record 'r0' has no numeric 'num_objects'"):
+        make(world, tok, proc, curriculum=stages)
+    with pytest.raises(ValueError, match="no record has num_objects <= -1"):
+        make(world, tok, proc, records_path=records, curriculum=[(2, -1)])
+    with pytest.raises(ValueError, match="increasing steps"):
+        make(world, tok, proc, records_path=records, curriculum=[(2, 0), (2, 1)])
+
+
 def test_shards_partition_records_disjointly(world, tok, proc):
     seen = []
     for k in range(3):

@@ -192,6 +192,7 @@ def test_llava_answers_match_the_scene(world):
         for rec in records:
             assert (world.image_root / rec["image"]).is_file()
             objs = objects[int(rec["id"].split("_")[0])]
+            assert rec["num_objects"] == len(objs)          # the curriculum's key
             conv = rec["conversations"]
             assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
             assert conv[0]["value"].startswith("<image>\n")

@@ -55,6 +55,7 @@ import dataclasses
 import functools
 import logging
 import os
+import sys
 import threading
 from typing import Any, Sequence
 
@@ -191,19 +192,61 @@ def _flatten_slots(batch: dict[str, np.ndarray], slot_keys: tuple[str, ...]) -> 
     return {k: (v.reshape(-1, *v.shape[2:]) if k in slot_keys else v) for k, v in batch.items()}
 
 
+def curriculum_order(records: Sequence[Record], stages: Sequence[Sequence[float]], key: str, batch_size: int,
+                     seed: int = 0) -> np.ndarray:
+    """Indices of the records served before the regular shuffled epochs: easy examples first.
+
+    stages: ``[(until_step, max_value), ...]`` with increasing steps: until batch ``until_step`` (counted from 0
+    by this host's batches), every record served has ``record.extra[key] <= max_value`` (e.g. the shapes world's
+    ``num_objects``: scenes of one object first, then two, ...). Each stage shuffles its pool (seeded by
+    ``seed`` and the stage) and cycles through it if the stage needs more records than the pool holds.
+    -> ``[until_last * batch_size]`` int indices into ``records``.
+    """
+    if not stages:
+        return np.zeros((0,), np.int64)
+    values = []
+    for r in records:
+        v = r.extra.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise ValueError(f"curriculum: record {r.id!r} has no numeric {key!r} field (got {v!r}); the curriculum "
+                             f"orders records by it")
+        values.append(v)
+    values = np.asarray(values, np.float64)
+    out, prev = [], 0
+    for k, stage in enumerate(stages):
+        if len(stage) != 2:
+            raise ValueError(f"curriculum stage {k} must be (until_step, max_{key}), got {stage!r}")
+        until, limit = int(stage[0]), float(stage[1])
+        if until <= prev:
+            raise ValueError(f"curriculum stages must end at increasing steps, got {[s[0] for s in stages]}")
+        pool = np.flatnonzero(values <= limit)
+        if not len(pool):
+            raise ValueError(f"curriculum stage {k}: no record has {key} <= {limit:g}")
+        need = (until - prev) * batch_size
+        rng = np.random.default_rng([seed, k])
+        reps = -(-need // len(pool))
+        out.append(np.concatenate([rng.permutation(pool) for _ in range(reps)])[:need])
+        prev = until
+    return np.concatenate(out)
+
+
 def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root: str | os.PathLike | None,
                  tokenizer: Any, template: str | ct.ChatTemplate, image_processor: ImageProcessor | None,
                  max_len: int, images_per_sample: int, batch_size: int, seed: int = 0,
                  shard_index: int | None = None, shard_count: int | None = None, *,
                  image_token_id: int | None = None, pad_token_id: int | None = None, num_epochs: int | None = None,
                  shuffle: bool = True, on_bad_record: str = "error", even_shards: bool = True,
-                 drop_remainder: bool = True, num_threads: int = 8, prefetch: int = 64) -> Pipeline:
+                 drop_remainder: bool = True, num_threads: int = 8, prefetch: int = 64,
+                 curriculum: Sequence[Sequence[float]] = (), curriculum_key: str = "num_objects") -> Pipeline:
     """Build the training data pipeline (see the module docstring for the batch contract).
 
     records_path: LLaVA-format JSON/JSONL file, or already-loaded `Record`s. image_root: prefix for image paths.
     image_token_id: the model config's image token id (LLaVA ``image_token_index``); default: the tokenizer's id
     of the template's placeholder. num_epochs: None repeats forever. shard_index/shard_count default to
     ``jax.process_index()`` / ``jax.process_count()``. num_threads/prefetch: grain read threads and buffer.
+    curriculum: ``[(until_step, max_value), ...]``: the first batches serve only records whose
+    ``curriculum_key`` field is at most ``max_value`` (see `curriculum_order`), then the regular epochs
+    start; the iterator state still resumes at exactly the next batch.
     """
     if shard_index is None or shard_count is None:
         import jax
@@ -224,16 +267,23 @@ def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root:
                             image_root=image_root, image_token_id=image_token_id, pad_token_id=pad_token_id,
                             on_bad_record=on_bad_record, skipped=skipped)
 
-    ds = grain.MapDataset.source(records)
+    total = len(records)
     if even_shards:
-        ds = ds[: len(records) - len(records) % shard_count]
-    ds = ds[shard_index::shard_count]
-    num_records = len(ds)
+        records = records[: len(records) - len(records) % shard_count]
+    records = records[shard_index::shard_count]
+    num_records = len(records)
     if num_records == 0:
-        raise ValueError(f"shard {shard_index}/{shard_count} of {len(records)} records is empty")
+        raise ValueError(f"shard {shard_index}/{shard_count} of {total} records is empty")
+    ds = grain.MapDataset.source(records)
     if shuffle:
         ds = ds.shuffle(seed=seed)     # grain: permutation seeded by seed + epoch when repeated
     ds = ds.repeat(num_epochs)
+    first = curriculum_order(records, curriculum, curriculum_key, batch_size, seed)
+    if len(first):
+        main, n_first = ds, len(first)
+        length = sys.maxsize if num_epochs is None else n_first + len(main)
+        ds = grain.MapDataset.range(length).map(
+            lambda i: records[first[i]] if i < n_first else main[i - n_first])
     ds = ds.map(builder)               # None (a skipped record) is dropped by the iterator
     slot_keys = _SLOT_KEYS + (("image_grid_thw",) if images_per_sample and
                               "image_grid_thw" in image_processor.empty().fields else ())

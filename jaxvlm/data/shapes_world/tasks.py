@@ -169,7 +169,9 @@ def llava_records(rec: ImageRecord, rng: np.random.Generator,
     """LLaVA-format records for one image: caption, short-answer VQA, POPE-style existence,
     grounding (REC + REG).
 
-    ``image`` is relative to the world's image root (``<split>/<file_name>``).
+    ``image`` is relative to the world's image root (``<split>/<file_name>``). Every record carries
+    ``num_objects`` (the scene's object count), the key of the recipe's easy-scenes-first curriculum
+    (`jaxvlm.data.pipeline.curriculum_order`).
     """
     image = f"{rec.split}/{rec.file_name}"
     records = [{"id": f"{rec.image_id}_caption", "image": image,
@@ -194,6 +196,8 @@ def llava_records(rec: ImageRecord, rng: np.random.Generator,
         turns.append((REG_PROMPT.format(box=format_box(o.bbox, rec.image_size)), e))
         records.append({"id": f"{rec.image_id}_grounding", "image": image,
                         "conversations": _conversation(turns)})
+    for r in records:
+        r["num_objects"] = len(rec.objects)
     return records
 
 

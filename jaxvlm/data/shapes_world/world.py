@@ -36,8 +36,9 @@ from .tasks import (POPE_SETTINGS, CategoryStats, ImageRecord, llava_records, ph
                     pope_items, pope_question)
 
 #: Bump whenever output bytes change for the same params, so stale caches are regenerated.
-GENERATOR_VERSION = 3  # 2: "leftmost"/"on the left" (and the other directions) were inverted;
+GENERATOR_VERSION = 4  # 2: "leftmost"/"on the left" (and the other directions) were inverted;
 #                        3: POPE-style existence records, 3 REC turns per grounding record
+#                        4: every LLaVA record carries num_objects (the curriculum's key)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 EVAL_SPLITS: tuple[str, ...] = ("val", "test")
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
