@@ -170,8 +170,8 @@ def llava_records(rec: ImageRecord, rng: np.random.Generator,
     grounding (REC + REG).
 
     ``image`` is relative to the world's image root (``<split>/<file_name>``). Every record carries
-    ``num_objects`` (the scene's object count), the key of the recipe's easy-scenes-first curriculum
-    (`jaxvlm.data.pipeline.curriculum_order`).
+    ``num_objects`` (the scene's object count), the default key of the train pipeline's optional
+    easy-first curriculum (`jaxvlm.data.pipeline.curriculum_order`, train config ``data.curriculum``).
     """
     image = f"{rec.split}/{rec.file_name}"
     records = [{"id": f"{rec.image_id}_caption", "image": image,
