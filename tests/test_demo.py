@@ -82,6 +82,18 @@ def test_recipe_drops_the_tower_freeze_only_when_stage_0_is_skipped(trained):
     assert vp["steps"] == 7 and vp["images"] > 0
 
 
+def test_train_loop_hands_the_curriculum_to_the_pipeline(trained, monkeypatch):
+    import jaxvlm.data.pipeline as P
+    from jaxvlm.train import loop
+    out, world, tok, *_ = trained
+    seen, real = {}, P.make_dataset
+    monkeypatch.setattr(P, "make_dataset", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    cfg, _ = D.recipe(out, world, out / "tokenizer", overrides=("data.curriculum=[[3,1],[5,2]]",))
+    first = next(iter(loop.make_data(cfg, loop.model_config(cfg), 8)))
+    assert seen["curriculum"] == [(3, 1), (5, 2)] and seen["curriculum_key"] == "num_objects"
+    assert first["input_ids"].shape == (8, cfg.data.seq_len)
+
+
 def test_decode_evaluate_and_pictures(trained):
     out, world, tok, ckpt, _ = trained
     tasks = {}

@@ -1,8 +1,9 @@
 """Grain pipeline: LLaVA-format records -> fixed-shape numpy batches for training.
 
 Order of operations (all on a grain ``MapDataset``, so every element is addressed by index and the iterator state
-is one integer): records -> this host's shard -> per-epoch shuffle -> repeat -> build sample (load images, render
-chat template, tokenize, expand image tokens, truncate/pad) -> ``to_iter_dataset`` (threads prefetch) -> batch.
+is one integer): records -> this host's shard -> per-epoch shuffle -> repeat (behind an optional easy-first
+curriculum, ``curriculum_order``) -> build sample (load images, render chat template, tokenize, expand image tokens,
+truncate/pad) -> ``to_iter_dataset`` (threads prefetch) -> batch.
 
 Batch contract (``B = batch_size``, ``T = max_len``, ``S = images_per_sample``), all numpy:
 
