@@ -36,8 +36,8 @@ def best_of(fn: Callable[[], object], calls: int, warmup: int = 1) -> float:
 
 def child_env() -> dict[str, str]:
     """The environment both sides' processes run in: the malloc tunables the `jaxvlm` command sets
-    for itself (`jaxvlm.cli.malloc_tunables`), for jax and torch alike, unless this process already has
-    `GLIBC_TUNABLES` or `JAXVLM_NO_HUGEPAGES` is set."""
+    for itself, for jax and torch alike, decided by `jaxvlm.cli.tunables_to_set` (none off Linux, with
+    the user's own `GLIBC_TUNABLES`, or with `JAXVLM_NO_HUGEPAGES`)."""
     from jaxvlm.cli import tunables_to_set
     env = dict(os.environ)
     tunables = tunables_to_set("bench", env)      # "bench" is no lean command: the heap is kept

@@ -90,7 +90,7 @@ def test_train_loop_hands_the_curriculum_to_the_pipeline(trained, monkeypatch):
     monkeypatch.setattr(P, "make_dataset", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
     cfg, _ = D.recipe(out, world, out / "tokenizer", overrides=("data.curriculum=[[3,1],[5,2]]",))
     first = next(iter(loop.make_data(cfg, loop.model_config(cfg), 8)))
-    assert seen["curriculum"] == [(3, 1), (5, 2)] and seen["curriculum_key"] == "num_objects"
+    assert [list(x) for x in seen["curriculum"]] == [[3, 1], [5, 2]] and seen["curriculum_key"] == "num_objects"
     assert first["input_ids"].shape == (8, cfg.data.seq_len)
 
 

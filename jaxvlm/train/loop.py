@@ -172,8 +172,7 @@ def make_data(cfg: Config, lc: ModelConfig, local_batch: int):
         return make_dataset(d.path, d.image_root, tok, d.template, image_processor(lc, d),
                             max_len=d.seq_len, images_per_sample=d.images_per_sample, batch_size=local_batch,
                             seed=d.seed, image_token_id=lc.image_token_id,
-                            curriculum=[tuple(s) for s in d.get("curriculum") or ()],
-                            curriculum_key=d.get("curriculum_key", "num_objects"), **shard)
+                            curriculum=d.curriculum or (), curriculum_key=d.curriculum_key, **shard)
     raise ValueError(f"unknown data.kind {d.kind!r}; known: synthetic, npz, pipeline")
 
 
