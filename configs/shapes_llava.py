@@ -23,7 +23,7 @@ IMAGE_TOKEN_ID = 4     # "<image>" in the shapes tokenizer (checked by the demo)
 #: 2500 steps 0.49). Against that older stage 0, in the full recipe: CHAIR-i 0.156 vs
 #: 0.339, caption recall 0.46 vs 0.28, VQA 0.422 vs 0.403, METEOR 0.172 vs 0.139 (README).
 #: `box_bins=28` (boxes classified, not regressed) speeds grounding-only REC ~3x but costs the full
-#: recipe most of its captioning and VQA (CHAIR-i 0.502); left off (README). With `box_weight=0.25`
+#: recipe most of its captioning and VQA (CHAIR-i 0.502); left off (docs/shapes_world_recipe.md). With `box_weight=0.25`
 #: category holds (0.79) but the full recipe is still worse (CHAIR-i 0.292, REC unchanged).
 VISION_PRETRAIN = dict(steps=4000, batch=32, lr=3e-3, warmup=100, object_weight=5.0, images=12000)
 

@@ -5,7 +5,7 @@ word of the question. Its stage-1 projector maps image patches near the words th
 4-layer LM trained from random on the shapes world learns neither in the demo's budget. "Is there a
 star?" needs two hops: the answer position has to fetch the asked-for noun a few tokens back and match
 it against the context. Neither hop gets a gradient before the other exists, so the loss sits at ln 2
-for thousands of questions (README, "what blocks the query tasks").
+for thousands of questions (docs/shapes_world_recipe.md, "what blocks the query tasks").
 
 - `pretrain_lookup`: the LM alone, on text. "Objects: red circle, blue star. Is there a star in the
   image?" -> yes / no, one question per sample, large batches. The recipe's LM shape gets past the
