@@ -82,7 +82,9 @@ def main():
 
 def measure(args) -> None:
     """One side's process: build the model (same seed, same weights), time `calls` forwards."""
-    jax.config.update("jax_default_matmul_precision", "highest")
+    bf16 = args.dtype == "bfloat16"
+    if not bf16:     # true fp32 matmuls (no TF32 / bf16 passes on a GPU), as torch's default is
+        jax.config.update("jax_default_matmul_precision", "highest")
     import torch
     import transformers
     from jaxvlm.conversion.qwen2_vl import qwen2_vl_from_torch
@@ -90,9 +92,10 @@ def measure(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    gpu = torch.cuda.is_available() and jax.default_backend() == "gpu"
+    # Each side takes its framework's accelerator when it sees one; the torch process never touches
+    # jax's backend (jax would reserve most of the GPU's memory there). Both report their device.
+    gpu = torch.cuda.is_available() if args.side == "torch" else jax.default_backend() == "gpu"
     tdev = "cuda" if gpu else "cpu"
-    bf16 = args.dtype == "bfloat16"
     hf = hf_model(transformers, torch)
     rng = np.random.default_rng(0)
     grid = np.array([[1, 32, 32]])                                   # 448 x 448 px

@@ -64,6 +64,24 @@ def test_schedules():
     assert float(s(60)) == pytest.approx(0.55, rel=1e-3)     # cosine midpoint
     c = O.make_schedule(O.OptimConfig(schedule="constant"), 3e-5)
     assert float(c(0)) == float(c(1000)) == pytest.approx(3e-5)
+    # warmup-stable-decay: ramp over 10 steps, hold the peak, decay linearly over the last 20 of 110.
+    w = O.make_schedule(O.OptimConfig(schedule="warmup_stable_decay", warmup_steps=10, total_steps=110,
+                                      end_lr_ratio=0.1, decay_fraction=20 / 110), 2.0)
+    lr = [float(w(i)) for i in range(115)]
+    assert lr[0] == 0 and lr[5] == pytest.approx(1.0) and lr[10] == pytest.approx(2.0)
+    assert all(x == pytest.approx(2.0) for x in lr[10:91])                  # held through step 90
+    assert lr[100] == pytest.approx(1.1) and lr[110] == lr[114] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(lr[90:], lr[91:]))                     # the decay only goes down
+    # no warmup: the peak from step 0; a decay longer than the run after warmup is cut to fit
+    n = O.make_schedule(O.OptimConfig(schedule="warmup_stable_decay", total_steps=50, decay_fraction=0.2), 1.0)
+    assert float(n(0)) == float(n(40)) == 1.0 and float(n(45)) == pytest.approx(0.5) and float(n(50)) == 0.0
+    cut = O.make_schedule(O.OptimConfig(schedule="warmup_stable_decay", warmup_steps=40, total_steps=50,
+                                        decay_fraction=1.0), 1.0)
+    assert float(cut(40)) == pytest.approx(1.0) and float(cut(45)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown schedule 'wsd'; known: warmup_cosine, warmup_stable_decay"):
+        O.OptimConfig(schedule="wsd")
+    with pytest.raises(ValueError, match="decay_fraction must be in"):
+        O.OptimConfig(schedule="warmup_stable_decay", decay_fraction=0.0)
 
 
 def test_frozen_new_token_rows():

@@ -111,7 +111,7 @@ def train_defaults() -> Config:
         mesh=dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1),
         sharding=dict(preset="fsdp_tp", overrides={}, warn_replicated_mib=16.0),
         optim=dict(groups=[], default_lr=1e-4, schedule="warmup_cosine", warmup_steps=0, total_steps=0,
-                   end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0),
+                   end_lr_ratio=0.0, decay_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0),
         lora=dict(enabled=False, rank=8, alpha=16.0, dropout=0.0,
                   targets=[r"language_model/layers/(self_attn|mlp)/\w+_proj"], exclude=[r".*lm_head"]),
         tokens=dict(add=[], tokenizer=None, num_new=0, init="mean_cov", trainable=True, multiple_of=8),

@@ -323,6 +323,7 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
     ocfg = O.OptimConfig(groups=tuple(O.Group(**g) for g in o.groups), default_lr=o.default_lr,
                          schedule=o.schedule, warmup_steps=o.warmup_steps,
                          total_steps=o.total_steps or cfg.train.steps, end_lr_ratio=o.end_lr_ratio,
+                         decay_fraction=o.decay_fraction,
                          b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
                          frozen_rows=frozen_rows)
     abstract = jax.eval_shape(lambda t: t, trainable)

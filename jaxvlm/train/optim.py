@@ -1,4 +1,4 @@
-"""Optimizer groups: AdamW with warmup-cosine / constant schedules, per-group learning rates and
+"""Optimizer groups: AdamW with warmup-cosine / warmup-stable-decay / constant schedules, per-group learning rates and
 freezing chosen by regexes over '/'-joined parameter paths (first matching group wins).
 
 Frozen parameters get `optax.set_to_zero()` inside `optax.multi_transform`, so they hold no Adam
@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 FROZEN = "frozen"
+SCHEDULES = ("warmup_cosine", "warmup_stable_decay", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +38,11 @@ class Group:
 class OptimConfig:
     groups: tuple[Group, ...] = ()
     default_lr: float | None = 1e-4       # params no group matches; None = frozen
-    schedule: str = "warmup_cosine"       # "warmup_cosine" | "constant"
+    schedule: str = "warmup_cosine"       # "warmup_cosine" | "warmup_stable_decay" | "constant"
     warmup_steps: int = 0
     total_steps: int = 1000
-    end_lr_ratio: float = 0.0             # cosine decays to peak * end_lr_ratio
+    end_lr_ratio: float = 0.0             # cosine / the final decay end at peak * end_lr_ratio
+    decay_fraction: float = 0.1           # warmup_stable_decay: the last fraction of total_steps decays linearly
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -50,8 +52,10 @@ class OptimConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "groups", tuple(g if isinstance(g, Group) else Group(**g) for g in self.groups))
-        if self.schedule not in ("warmup_cosine", "constant"):
-            raise ValueError(f"unknown schedule {self.schedule!r}; known: warmup_cosine, constant")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,18 @@ def path_str(path) -> str:
 
 
 def make_schedule(cfg: OptimConfig, peak: float) -> optax.Schedule:
+    """Step -> learning rate. warmup_stable_decay (as in MiniCPM): linear warmup, the peak held, then a
+    linear decay over the last `decay_fraction` of `total_steps` (never into the warmup) to
+    `peak * end_lr_ratio`; unlike cosine it keeps the rate high for most of the run."""
+    if cfg.schedule == "warmup_stable_decay":
+        total = max(cfg.total_steps, cfg.warmup_steps + 1)
+        decay = max(1, min(round(total * cfg.decay_fraction), total - cfg.warmup_steps))
+        stable_end = total - decay
+        parts = [optax.constant_schedule(peak), optax.linear_schedule(peak, peak * cfg.end_lr_ratio, decay)]
+        if not cfg.warmup_steps:
+            return optax.join_schedules(parts, [stable_end])
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, cfg.warmup_steps), *parts],
+                                    [cfg.warmup_steps, stable_end])
     if cfg.schedule == "constant":
         if cfg.warmup_steps:
             return optax.join_schedules([optax.linear_schedule(0.0, peak, cfg.warmup_steps),
