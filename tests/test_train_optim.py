@@ -107,3 +107,25 @@ def test_frozen_new_token_rows():
 def test_all_frozen_is_an_error():
     with pytest.raises(ValueError, match="every parameter is frozen"):
         O.make_optimizer(O.OptimConfig(default_lr=None), toy_params())
+
+
+def test_train_config_optim_section_reaches_the_optimizer():
+    """Every key of the train config's `optim` section arrives in OptimConfig under its own name (a key the
+    loop dropped would silently fall back to OptimConfig's default)."""
+    from jaxvlm.train.config import apply_overrides, train_defaults
+    from jaxvlm.train.loop import optim_config
+    sets = {"default_lr": 3e-4, "schedule": "warmup_stable_decay", "warmup_steps": 7, "total_steps": 90,
+            "end_lr_ratio": 0.05, "decay_fraction": 0.25, "b1": 0.8, "b2": 0.95, "eps": 1e-6, "weight_decay": 0.01,
+            "clip_norm": 0.5}
+    cfg = train_defaults()
+    assert set(sets) | {"groups"} == set(cfg.optim)           # this test sets every key but the groups
+    cfg = apply_overrides(cfg, [f"optim.{k}={v}" for k, v in sets.items()])
+    cfg.optim["groups"] = [dict(name="tower", pattern="vision_tower/.*", lr=None)]
+    oc = optim_config(cfg, frozen_rows=(("x", 0, (1,)),))
+    assert {k: getattr(oc, k) for k in sets} == sets
+    assert oc.groups == (O.Group("tower", "vision_tower/.*", None),) and oc.frozen_rows == (("x", 0, (1,)),)
+    cfg = apply_overrides(cfg, ["optim.total_steps=0", "train.steps=123"])
+    assert optim_config(cfg).total_steps == 123                  # 0 means train.steps
+    cfg.optim["momentum"] = 0.9                                  # a config file can add keys; they must not vanish
+    with pytest.raises(ValueError, match=r"unknown optim keys \['momentum'\]"):
+        optim_config(cfg)

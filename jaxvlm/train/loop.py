@@ -8,6 +8,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -236,6 +237,19 @@ def export_converted(cfg: Config, lc: ModelConfig, trained: Any, spec: "LO.LoraS
 # ----------------------------------------------------------------------------- the loop
 
 
+def optim_config(cfg: Config, frozen_rows: tuple = ()) -> O.OptimConfig:
+    """The train config's `optim` section as an `OptimConfig` (every key passed through by name;
+    `total_steps=0` means `train.steps`)."""
+    o = dict(cfg.optim)
+    known = [f.name for f in dataclasses.fields(O.OptimConfig) if f.name != "frozen_rows"]   # the loop's own
+    unknown = sorted(set(o) - set(known))
+    if unknown:
+        raise ValueError(f"unknown optim keys {unknown} (a config file added them); OptimConfig takes {known}")
+    o["groups"] = tuple(O.Group(**g) for g in o["groups"])
+    o["total_steps"] = o["total_steps"] or cfg.train.steps
+    return O.OptimConfig(**o, frozen_rows=frozen_rows)
+
+
 def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progress: bool = True) -> dict:
     """Run (or resume) training as configured; returns a summary dict. `hooks(step, metrics)` run
     after every step (host side)."""
@@ -316,16 +330,10 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
         loss_fn = vlm_lm_loss(model)
 
     # --- optimizer groups
-    o = cfg.optim
     frozen_rows = ()
     if new_ids and not cfg.tokens.trainable:
         frozen_rows = TK.frozen_rows_rule(new_ids, "base/" if spec else "")
-    ocfg = O.OptimConfig(groups=tuple(O.Group(**g) for g in o.groups), default_lr=o.default_lr,
-                         schedule=o.schedule, warmup_steps=o.warmup_steps,
-                         total_steps=o.total_steps or cfg.train.steps, end_lr_ratio=o.end_lr_ratio,
-                         decay_fraction=o.decay_fraction,
-                         b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                         frozen_rows=frozen_rows)
+    ocfg = optim_config(cfg, frozen_rows)
     abstract = jax.eval_shape(lambda t: t, trainable)
     opt = O.make_optimizer(ocfg, abstract)
     log.info("optimizer groups:\n%s", O.describe(opt, abstract))
