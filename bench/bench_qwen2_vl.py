@@ -3,8 +3,8 @@ one 448x448 image (32x32 patches -> 256 merged tokens) + 512 text tokens. Same w
 (converted from the torch model); prints the steady-state times and the torch/jax ratio, each side
 in its own process, alternating (bench/timing.py).
 
-Runs on the GPU when both torch and jax see one (else the CPU), in fp32 (default; true fp32 matmuls on
-both sides, no TF32) or bf16 (`--dtype bfloat16`: weights and activations, as a bf16 checkpoint runs).
+Each side runs on its framework's GPU when it sees one (else the CPU; both sides print their device), in
+fp32 (default; true fp32 matmuls on both sides, no TF32) or bf16 (`--dtype bfloat16`: weights and activations, as a bf16 checkpoint runs).
 `--save-logits DIR` keeps each side's logits as `DIR/{jax,torch}_{dtype}.npy`, for numerics checks
 across dtypes (bf16 against the fp32 reference).
 
@@ -92,9 +92,9 @@ def measure(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    # Each side takes its framework's accelerator when it sees one; the torch process never touches
-    # jax's backend (jax would reserve most of the GPU's memory there). Both report their device.
-    gpu = torch.cuda.is_available() if args.side == "torch" else jax.default_backend() == "gpu"
+    # jax takes its default device by itself; torch moves to CUDA when it sees it. The torch process never
+    # asks jax for a backend (jax would reserve most of the GPU's memory there).
+    gpu = args.side == "torch" and torch.cuda.is_available()
     tdev = "cuda" if gpu else "cpu"
     hf = hf_model(transformers, torch)
     rng = np.random.default_rng(0)

@@ -139,7 +139,7 @@ def test_curriculum_serves_easy_records_first_then_regular_epochs(world, tok, pr
         make(world, tok, proc, records_path=records, curriculum=[(2, -1)])
     with pytest.raises(ValueError, match="increasing steps"):
         make(world, tok, proc, records_path=records, curriculum=[(2, 0), (2, 1)])
-    for bad in ([2, 1], [(2,)], [("2", 1)]):                # a flat pair, a stage of one, a string
+    for bad in ([2, 1], [(2,)], [("2", 1)], [(2.5, 1)]):    # a flat pair, a stage of one, a string, a half step
         with pytest.raises(ValueError, match="curriculum stage 0 must be \\[until_step, max_num_objects\\]"):
             make(world, tok, proc, records_path=records, curriculum=bad)
 

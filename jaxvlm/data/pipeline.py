@@ -216,9 +216,10 @@ def curriculum_order(records: Sequence[Record], stages: Sequence[Sequence[float]
     out, prev = [], 0
     for k, stage in enumerate(stages):
         if (not isinstance(stage, (list, tuple)) or len(stage) != 2
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in stage)):
-            raise ValueError(f"curriculum stage {k} must be [until_step, max_{key}] (two numbers), got {stage!r}; "
-                             f"the curriculum is a list of such stages")
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in stage)
+                or not float(stage[0]).is_integer()):
+            raise ValueError(f"curriculum stage {k} must be [until_step, max_{key}] (a whole step, a number), got "
+                             f"{stage!r}; the curriculum is a list of such stages")
         until, limit = int(stage[0]), float(stage[1])
         if until <= prev:
             raise ValueError(f"curriculum stages must end at increasing steps, got {[s[0] for s in stages]}")
