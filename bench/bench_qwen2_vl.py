@@ -76,7 +76,7 @@ def main():
     print(f"conditions: {conditions()}")
     print(f"jax compile: {runs['jax'][0]['compile_s']:.2f}s")
     print(f"{args.dtype} forward (median of {args.repeats} rounds, each side in its own process): jaxvlm "
-          f"{statistics.median(jt) * 1e3:.0f} ms, transformers {statistics.median(tt) * 1e3:.0f} ms, "
+          f"{statistics.median(jt) * 1e3:.1f} ms, transformers {statistics.median(tt) * 1e3:.1f} ms, "
           f"speed-up {median_ratio(tt, jt):.2f}x  (logits rel err {err:.1e})")
 
 
@@ -92,6 +92,8 @@ def measure(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not bf16:     # cuDNN convolutions (the patch embedding's Conv3d) default to TF32 on a GPU: keep them fp32
+        torch.backends.cudnn.allow_tf32 = False
     # jax takes its default device by itself; torch moves to CUDA when it sees it. The torch process never
     # asks jax for a backend (jax would reserve most of the GPU's memory there).
     gpu = args.side == "torch" and torch.cuda.is_available()
@@ -121,7 +123,8 @@ def measure(args) -> None:
     else:
         hf = hf.to(tdev, torch.bfloat16 if bf16 else torch.float32)
         info = (f"torch {torch.__version__} on {torch.cuda.get_device_name() if gpu else 'cpu'}, "
-                f"attention: {hf.config._attn_implementation}, tf32 matmul: {torch.backends.cuda.matmul.allow_tf32}")
+                f"attention: {hf.config._attn_implementation}, tf32 matmul: {torch.backends.cuda.matmul.allow_tf32}, "
+                f"tf32 conv: {torch.backends.cudnn.allow_tf32}")
         targs = dict(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix).to(hf.dtype),
                      image_grid_thw=torch.tensor(grid), mm_token_type_ids=torch.tensor(mm))
         targs = {k: v.to(tdev) for k, v in targs.items()}

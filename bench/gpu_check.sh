@@ -4,6 +4,8 @@
 #   bash bench/gpu_check.sh [LOG_DIR]
 # Needs a python3 with jax[cuda], torch (CUDA), transformers, flax, pytest; run from the repo root.
 # Every step runs even if an earlier one fails; the exit status says whether all passed.
+# REPEATS (default 2) sets the fp32 bench's rounds, BF16_REPEATS (default REPEATS) the bf16 one's;
+# TEST_TIMEOUT (default 240 s) bounds the parity tests.
 set -uo pipefail
 fail=0
 LOG=${1:-out/gpu_check}
@@ -20,7 +22,7 @@ step "bench fp32"
 python3 bench/bench_qwen2_vl.py --repeats "${REPEATS:-2}" --calls 20 --save-logits /tmp/jaxvlm_logits \
   2>&1 | tee "$LOG/bench_fp32.txt" || fail=1
 step "bench bf16"
-python3 bench/bench_qwen2_vl.py --repeats "${REPEATS:-2}" --calls 20 --dtype bfloat16 --save-logits /tmp/jaxvlm_logits \
+python3 bench/bench_qwen2_vl.py --repeats "${BF16_REPEATS:-${REPEATS:-2}}" --calls 20 --dtype bfloat16 --save-logits /tmp/jaxvlm_logits \
   2>&1 | tee "$LOG/bench_bf16.txt" || fail=1
 
 step "fp32 parity tests, jax on its default backend (the GPU where there is one)"

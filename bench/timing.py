@@ -91,7 +91,7 @@ def alternate(script: str, args: list[str], sides: tuple[str, ...], rounds: int)
                 raise RuntimeError(f"bench child {side} (round {r}) failed with code {proc.returncode}:\n"
                                    f"{proc.stderr[-3000:]}")
             out[side].append(json.loads(lines[-1][len("BENCH_RESULT "):]))
-            print(f"[bench] round {r + 1}/{rounds} {side}: {out[side][-1]['seconds']:.3f} s", file=sys.stderr)
+            print(f"[bench] round {r + 1}/{rounds} {side}: {out[side][-1]['seconds'] * 1e3:.1f} ms", file=sys.stderr)
     return out
 
 
