@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ASSET = REPO / "assets" / "shapes_llava"
@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-test", type=int, default=WORLD["n_test"])
     p.add_argument("--checkpoint", default=None, help="use this converted checkpoint instead")
     p.add_argument("--batch-size", type=int, default=32, help="decode batch size")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"decoding methods to score beside the model, comma-separated (of: {', '.join(METHODS)}; "
+                        "'' for none)")
     p.add_argument("--save-asset", action="store_true",
                    help=f"write the trained checkpoint to {ASSET.relative_to(REPO)} (what the shipped demo uses)")
 
@@ -208,13 +211,23 @@ def questions(world, split: str = "test") -> dict[str, tuple[list[dict], Any]]:
 
 MAX_NEW = {"caption": 96, "vqa": 8, "pope_adversarial": 6, "rec": 28, "reg": 16}
 
+#: Decoding methods scored beside the plain model: name -> (`jaxvlm generate` flags, tasks).
+#: UE contrasts the final layer with its candidate layers' logit lens (jaxvlm.methods.ue). Its own
+#: candidates are the first quarter of Vicuna-7B's hidden states (0-7 of 32); here the first quarter of
+#: the 4-layer LM's, 0 and 1, chosen per token by its JS rule (its prior was measured on Osprey and does
+#: not carry over). Scored where its paper reports: captions (CHAIR), region descriptions (METEOR) and
+#: yes/no hallucination (PhD there, POPE here).
+METHODS = {"UE": (("--ue-layers", "0,1"), ("caption", "reg", "pope_adversarial"))}
 
-def decode_all(ckpt: pathlib.Path, world, tasks: dict, out: pathlib.Path, batch_size: int) -> dict[str, pathlib.Path]:
-    """`jaxvlm generate` in batch mode, one engine per task length."""
+
+def decode_all(ckpt: pathlib.Path, world, tasks: dict, out: pathlib.Path, batch_size: int,
+               extra: Sequence[str] = (), predictions: str = "predictions") -> dict[str, pathlib.Path]:
+    """`jaxvlm generate` in batch mode, one engine per task length; `extra` adds its flags (a method's),
+    answers go to `out/predictions/TASK.jsonl`."""
     from jaxvlm.generate import cli as gen
     preds = {}
     for task, (qs, _) in tasks.items():
-        qfile, pfile = out / "questions" / f"{task}.jsonl", out / "predictions" / f"{task}.jsonl"
+        qfile, pfile = out / "questions" / f"{task}.jsonl", out / predictions / f"{task}.jsonl"
         qfile.parent.mkdir(parents=True, exist_ok=True)
         pfile.parent.mkdir(parents=True, exist_ok=True)
         qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
@@ -222,8 +235,9 @@ def decode_all(ckpt: pathlib.Path, world, tasks: dict, out: pathlib.Path, batch_
         gen.add_arguments(p)
         args = p.parse_args(["--checkpoint", str(ckpt), "--questions", str(qfile), "--image-folder",
                              str(world.image_root), "--output", str(pfile), "--batch-size", str(batch_size),
-                             "--max-new-tokens", str(MAX_NEW[task])])
-        print(f"[demo] decoding {task}: {len(qs)} questions", file=sys.stderr)
+                             "--max-new-tokens", str(MAX_NEW[task]), *extra])
+        print(f"[demo] decoding {task}: {len(qs)} questions{' (' + ' '.join(extra) + ')' if extra else ''}",
+              file=sys.stderr)
         gen.main(args)
         preds[task] = pfile
     return preds
@@ -260,15 +274,33 @@ def shapes_chair_extractor():
 
 
 def evaluate_all(preds: dict, tasks: dict, world, out: pathlib.Path) -> dict:
+    """Each decoded task's metrics (a method may decode only some tasks)."""
     from jaxvlm.eval import evaluate
-    ex = shapes_chair_extractor()
     r = {}
-    r["chair"] = evaluate("chair", preds["caption"], tasks["caption"][1], mode="coco", extractor=ex)["scores"]
-    r["pope_adversarial"] = evaluate("pope", preds["pope_adversarial"], tasks["pope_adversarial"][1])["scores"]
-    r["vqa"] = evaluate("vqa", preds["vqa"], tasks["vqa"][1])["scores"]
-    r["rec"] = evaluate("rec", preds["rec"], tasks["rec"][1], box_format="llava", square_pad=False)["scores"]
-    r["reg_meteor"] = evaluate("caption", preds["reg"], tasks["reg"][1], metrics=("METEOR",))["scores"]
+    if "caption" in preds:
+        r["chair"] = evaluate("chair", preds["caption"], tasks["caption"][1], mode="coco",
+                              extractor=shapes_chair_extractor())["scores"]
+    if "pope_adversarial" in preds:
+        r["pope_adversarial"] = evaluate("pope", preds["pope_adversarial"], tasks["pope_adversarial"][1])["scores"]
+    if "vqa" in preds:
+        r["vqa"] = evaluate("vqa", preds["vqa"], tasks["vqa"][1])["scores"]
+    if "rec" in preds:
+        r["rec"] = evaluate("rec", preds["rec"], tasks["rec"][1], box_format="llava", square_pad=False)["scores"]
+    if "reg" in preds:
+        r["reg_meteor"] = evaluate("caption", preds["reg"], tasks["reg"][1], metrics=("METEOR",))["scores"]
     return r
+
+
+def run_methods(names: Sequence[str], ckpt: pathlib.Path, world, tasks: dict, out: pathlib.Path,
+                batch_size: int) -> dict[str, dict]:
+    """Decode and score each named decoding method (`METHODS`) on its tasks: name -> metrics."""
+    results = {}
+    for name in names:
+        flags, method_tasks = METHODS[name]
+        sub = {k: tasks[k] for k in method_tasks}
+        preds = decode_all(ckpt, world, sub, out, batch_size, extra=flags, predictions=f"predictions_{name.lower()}")
+        results[name] = evaluate_all(preds, sub, world, out)
+    return results
 
 
 def baselines(world, tasks: dict, seed: int = 0) -> dict:
@@ -368,28 +400,31 @@ def draw_rec_boxes(img, gt_box, answer: str):
     return img
 
 
-def format_table(metrics: dict, base: dict) -> str:
-    rows = [
-        ("VQA accuracy", metrics["vqa"].get("accuracy"), base["vqa_majority"].get("accuracy"),
+def format_table(metrics: dict, base: dict, methods: dict[str, dict] | None = None) -> str:
+    """The demo's table: the model, each decoding method (its metrics, '-' where it decoded no such
+    task), and the baseline the model must beat. Metrics are `evaluate_all`'s results."""
+    methods = methods or {}
+    centre, chair_rand = base["rec_centre_box"], base["chair_random_objects"]
+    rows = [   # label, (task, metric), baseline, what the baseline is
+        ("VQA accuracy", ("vqa", "accuracy"), base["vqa_majority"].get("accuracy"),
          f"majority answer '{base['vqa_majority']['answer']}'"),
-        ("REC Acc@0.5", metrics["rec"].get("acc@0.5"), base["rec_centre_box"].get("acc@0.5"), "centre box"),
-        ("REC mean IoU", metrics["rec"].get("mean_iou"), base["rec_centre_box"].get("mean_iou"), "centre box"),
-        ("CHAIR-i (captions)", metrics["chair"].get("CHAIRi"), base["chair_random_objects"].get("CHAIRi"),
-         "random-object captioner"),
-        ("CHAIR-s (captions)", metrics["chair"].get("CHAIRs"), base["chair_random_objects"].get("CHAIRs"),
-         "random-object captioner"),
-        ("Recall (captions)", metrics["chair"].get("Recall"), base["chair_random_objects"].get("Recall"),
-         "random-object captioner"),
-        ("POPE adv. accuracy", metrics["pope_adversarial"].get("accuracy"), 0.5, "chance"),
-        ("POPE adv. F1", metrics["pope_adversarial"].get("f1"), None, ""),
-        ("POPE adv. yes-ratio", metrics["pope_adversarial"].get("yes_ratio"), 0.5, "balanced"),
-        ("REG METEOR", metrics["reg_meteor"].get("METEOR"), None, ""),
+        ("REC Acc@0.5", ("rec", "acc@0.5"), centre.get("acc@0.5"), "centre box"),
+        ("REC mean IoU", ("rec", "mean_iou"), centre.get("mean_iou"), "centre box"),
+        ("CHAIR-i (captions)", ("chair", "CHAIRi"), chair_rand.get("CHAIRi"), "random-object captioner"),
+        ("CHAIR-s (captions)", ("chair", "CHAIRs"), chair_rand.get("CHAIRs"), "random-object captioner"),
+        ("Recall (captions)", ("chair", "Recall"), chair_rand.get("Recall"), "random-object captioner"),
+        ("POPE adv. accuracy", ("pope_adversarial", "accuracy"), 0.5, "chance"),
+        ("POPE adv. F1", ("pope_adversarial", "f1"), None, ""),
+        ("POPE adv. yes-ratio", ("pope_adversarial", "yes_ratio"), 0.5, "balanced"),
+        ("REG METEOR", ("reg_meteor", "METEOR"), None, ""),
     ]
-    lines = [f"{'metric':24s} {'model':>8s} {'baseline':>9s}  baseline is", "-" * 70]
-    for name, v, b, what in rows:
-        fv = f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'-':>8s}"
+    fmt = lambda v: f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'-':>8s}"      # noqa: E731
+    head = "".join(f" {m[:8]:>8s}" for m in methods)
+    lines = [f"{'metric':24s} {'model':>8s}{head} {'baseline':>9s}  baseline is", "-" * (70 + 9 * len(methods))]
+    for label, (task, key), b, what in rows:
+        cols = "".join(" " + fmt(m.get(task, {}).get(key)) for m in (metrics, *methods.values()))
         fb = f"{b:9.3f}" if isinstance(b, (int, float)) else f"{'':>9s}"
-        lines.append(f"{name:24s} {fv} {fb}  {what}")
+        lines.append(f"{label:24s}{cols} {fb}  {what}")
     return "\n".join(lines)
 
 
@@ -448,6 +483,10 @@ def main(args) -> int:
     if args.save_asset and args.family != "llava":
         raise SystemExit(f"jaxvlm demo: --save-asset writes {ASSET.relative_to(REPO)}, the LLaVA recipe's checkpoint; "
                          f"--family {args.family} has no shipped asset")
+    method_names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in method_names if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"jaxvlm demo: unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
     t0 = time.perf_counter()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -474,11 +513,15 @@ def main(args) -> int:
     metrics = evaluate_all(preds, tasks, world, out)
     base = baselines(world, tasks)
     timings["eval_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    methods = run_methods(method_names, ckpt, world, tasks, out, args.batch_size)
+    if method_names:
+        timings["methods_s"] = round(time.perf_counter() - t, 1)
     pngs = pictures(ckpt, world, tasks, preds, out)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
-    report = {"checkpoint": str(ckpt), "metrics": metrics, "baselines": base, "train": train_summary,
+    report = {"checkpoint": str(ckpt), "metrics": metrics, "methods": methods, "baselines": base, "train": train_summary,
               "timings": timings, "pngs": pngs, "n_questions": {k: len(v[0]) for k, v in tasks.items()}}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    print(format_table(metrics, base))
+    print(format_table(metrics, base, methods))
     print(f"\nPNGs: {', '.join(pngs)}\nreport: {out / 'report.json'}\ntime: {timings}")
     return 0

@@ -91,7 +91,11 @@ def test_train_loop_hands_the_curriculum_to_the_pipeline(trained, monkeypatch):
     cfg, _ = D.recipe(out, world, out / "tokenizer", overrides=("data.curriculum=[[3,1],[5,2]]",))
     first = next(iter(loop.make_data(cfg, loop.model_config(cfg), 8)))
     assert [list(x) for x in seen["curriculum"]] == [[3, 1], [5, 2]] and seen["curriculum_key"] == "num_objects"
-    assert first["input_ids"].shape == (8, cfg.data.seq_len)
+    assert first["input_ids"].shape == (8, cfg.data.seq_len) and seen["label_transform"] is None
+    # data.reverse_labels asks for REVERSE's span tags, which the shapes tokenizer does not have
+    cfg, _ = D.recipe(out, world, out / "tokenizer", overrides=("data.reverse_labels=True",))
+    with pytest.raises(ValueError, match="no <SPAN>, </CN>, </UN> token"):
+        loop.make_data(cfg, loop.model_config(cfg), 8)
 
 
 def test_decode_evaluate_and_pictures(trained):
@@ -121,6 +125,20 @@ def test_decode_evaluate_and_pictures(trained):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", p
     table = D.format_table(metrics, base)
     assert "REC Acc@0.5" in table and "POPE adv. accuracy" in table
+
+    # Decoding methods: each decodes its own tasks into predictions_<name>/ and gets a column.
+    methods = D.run_methods(list(D.METHODS), ckpt, world, tasks, out, batch_size=4)
+    for name, (_, method_tasks) in D.METHODS.items():
+        for task in method_tasks:
+            rows = [json.loads(line) for line in open(out / f"predictions_{name.lower()}" / f"{task}.jsonl")]
+            assert [r["question_id"] for r in rows] == [q["question_id"] for q in tasks[task][0]]
+    assert 0.0 <= methods["UE"]["chair"]["CHAIRi"] <= 1.0 and "vqa" not in methods["UE"]
+    lines = D.format_table(metrics, base, methods).splitlines()
+    assert lines[0].split()[:3] == ["metric", "model", "UE"]
+    vqa_row = next(ln for ln in lines if ln.startswith("VQA accuracy")).split()
+    assert vqa_row[3] == "-" and float(vqa_row[2]) == pytest.approx(metrics["vqa"]["accuracy"], abs=5e-4)
+    chair_row = next(ln for ln in lines if ln.startswith("CHAIR-i")).split()
+    assert float(chair_row[3]) == pytest.approx(methods["UE"]["chair"]["CHAIRi"], abs=5e-4)
 
 
 def test_rec_picture_draws_swapped_corners_and_skips_garbage():
@@ -153,6 +171,9 @@ def test_set_without_training_is_refused_before_any_work(tmp_path):
         assert not (tmp_path / "d").exists()
     with pytest.raises(SystemExit, match="--family qwen2_5_vl has no shipped asset"):
         D.main(p.parse_args(["--out", str(tmp_path / "d"), "--family", "qwen2_5_vl", "--save-asset"]))
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(SystemExit, match="unknown method.*DoLa.*known: UE"):
+        D.main(p.parse_args(["--out", str(tmp_path / "d"), "--methods", "UE,DoLa"]))
     assert not (tmp_path / "d").exists()
 
 

@@ -293,6 +293,46 @@ def test_hooks_layer_contrast_tracked_probs_and_attention(llava):
     assert rel_err(img, img_ref) < TOL
 
 
+def test_ue_decoding_contrasts_each_step_against_its_layer(llava):
+    """jaxvlm.methods.ue through the engine: every generated token is the argmax of UE's contrast
+    (repetition penalty applied after it) on teacher-forced cache-free logits, against the JS-chosen
+    layer; a prior that all but fixes the draw (weight 50 on one layer) contrasts against that layer."""
+    from jaxvlm.methods.ue import contrast_scores, ue_hooks
+    model, d = llava["model"], llava
+    # In the random model every un-normed lens is near-flat, so any contrast picks the final argmax. Make
+    # the layers tell apart: layer 1's MLP writes 60x louder (lenses 2-3 peak, lens 0 stays flat) and the
+    # head is 10x sharper; relative_top 1e-3 (UE: 0.1) keeps more than one plausible token.
+    lm = dict(llava["params"]["language_model"])
+    lm["layers"] = dict(lm["layers"])
+    lm["layers"]["mlp"] = dict(lm["layers"]["mlp"], down_proj=dict(
+        kernel=jnp.asarray(lm["layers"]["mlp"]["down_proj"]["kernel"]).at[1].multiply(60.0)))
+    lm["lm_head"] = dict(kernel=lm["lm_head"]["kernel"] * 10.0)
+    params = dict(llava["params"], language_model=lm)
+    layers, penalty, n, alpha = (0, 1, 2), 1.05, 12, 1e-3
+    runs = {"js": (None, slice(0, 3)), "prior->0": ((50.0, 0.0, 0.0), slice(0, 1)),
+            "prior->2": ((0.0, 0.0, 50.0), slice(2, 3))}
+    outs = {}
+    t = d["ids"].shape[1]
+    for name, (prior, cands) in runs.items():
+        eng = Engine(model, batch_size=3, max_len=128, buckets=(64, 128), hooks=ue_hooks(layers, prior=prior, relative_top=alpha),
+                     sampler=SamplerConfig(repetition_penalty=penalty))
+        gen = outs[name] = eng.decode(params, eng.prefill(params, batch_of(d)), n).generated()[0]
+        seq = np.concatenate([d["ids"], gen], 1)
+        seq_mask = np.concatenate([d["mask"], np.ones_like(gen)], 1)
+        ref = full_logits(model, params, seq, seq_mask, d["pix"], output_hidden_states=True)
+        at = slice(t - 1, t - 1 + n)
+        final = ref.logits[:, at]                                                     # [B, n, V]
+        lens = model.apply({"params": params}, ref.hidden_states[jnp.asarray(layers)][:, :, at], False,
+                           method="logit_lens")[cands]                               # [L, B, n, V]
+        for j in range(n):
+            s = np.asarray(contrast_scores(final[:, j], lens[:, :, j], relative_top=alpha)[0]).copy()
+            for r in range(3):
+                seen = np.unique(seq[r, :t + j][seq_mask[r, :t + j] > 0])
+                s[r, seen] = np.where(s[r, seen] < 0, s[r, seen] * penalty, s[r, seen] / penalty)
+            np.testing.assert_array_equal(np.argmax(s, -1), gen[:, j], err_msg=f"{name}, step {j}")
+    assert not np.array_equal(outs["prior->0"], outs["prior->2"])      # the draw does pick the layer
+
+
 def test_qwen2_5_vl_greedy_matches_hf(torch_mods):
     """Qwen2.5-VL through the same engine: M-RoPE positions from `rope_index`, per-row HF reference."""
     qv = pytest.importorskip("jaxvlm.models.qwen2_vl", reason="Qwen2-VL port (jaxvlm.models.qwen2_vl) not present")

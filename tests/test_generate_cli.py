@@ -99,3 +99,97 @@ def test_bad_invocations(checkpoint, tmp_path):
         main(["generate", "--checkpoint", str(checkpoint["ckpt"]), "--questions", str(bad)])
     with pytest.raises(ValueError, match="questions file not found"):
         main(["generate", "--checkpoint", str(checkpoint["ckpt"]), "--questions", str(tmp_path / "nope.jsonl")])
+
+
+def hf_ue_answer(c, q, layers):
+    """UE decoding done by hand on the transformers model: a full forward per step, the candidate layers'
+    un-normed lens through HF's lm_head, UE's step in torch (test_ue.torch_reference), argmax."""
+    from test_ue import torch_reference
+
+    from jaxvlm.data.chat_templates import encode_prompt
+    from jaxvlm.data.image_processing import LlavaImageProcessor, load_image
+    img = LlavaImageProcessor.for_llava(c["cfg"])(load_image(c["root"] / q["image"]))
+    ids = encode_prompt("vicuna_v1", [{"role": "user", "content": "<image>\n" + q["text"]}], c["tok"],
+                        image_token_id=c["cfg"].image_token_id, image_token_counts=[img.num_tokens])
+    torch, hf = c["torch"], c["hf"]
+    seq, new = list(ids), []
+    for _ in range(NEW):
+        with torch.no_grad():
+            out = hf(input_ids=torch.tensor([seq]), pixel_values=torch.tensor(img.pixel_values[None]),
+                     output_hidden_states=True)
+            lens = torch.stack([hf.lm_head(out.hidden_states[k][:, -1]) for k in layers])
+        scores, _ = torch_reference(out.logits[:, -1].numpy(), lens.numpy())
+        tok = int(np.argmax(scores[0]))
+        if tok == c["tok"].eos_token_id:
+            break
+        seq.append(tok)
+        new.append(tok)
+    return c["tok"].decode(new, skip_special_tokens=True).strip()
+
+
+def test_ue_flags_decode_with_the_layer_contrast(checkpoint, tmp_path):
+    from jaxvlm.cli import main
+    c = checkpoint
+    base = ["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
+            "--image-folder", str(c["root"]), "--max-new-tokens", str(NEW), "--batch-size", "2"]
+    out = tmp_path / "ue.jsonl"
+    assert main([*base, "--output", str(out), "--ue-layers", "0,1"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ue_answers = [hf_ue_answer(c, q, (0, 1)) for q in c["qs"]]
+    assert [r["answer"] for r in rows] == ue_answers
+    assert ue_answers != [hf_answer(c, q) for q in c["qs"]]         # the contrast changed something
+    for flags, msg in ((["--ue-prior", "0.5,0.5"], "needs --ue-layers"),
+                       (["--ue-layers", "0,1", "--temperature", "0.7"], "greedily"),
+                       (["--ue-layers", "0,x"], "comma-separated numbers"),
+                       (["--ue-layers", "0,1", "--ue-prior", "1"], "1 weights for 2")):
+        with pytest.raises(SystemExit, match=msg):
+            main([*base, "--output", str(tmp_path / "bad.jsonl"), *flags])
+
+
+def hf_greedy(c, messages, images):
+    """transformers' greedy answer to a conversation with these PIL images (in order)."""
+    from jaxvlm.data.chat_templates import encode_prompt
+    from jaxvlm.data.image_processing import LlavaImageProcessor
+    proc = LlavaImageProcessor.for_llava(c["cfg"])
+    imgs = [proc(im) for im in images]
+    ids = encode_prompt("vicuna_v1", messages, c["tok"], image_token_id=c["cfg"].image_token_id,
+                        image_token_counts=[im.num_tokens for im in imgs])
+    torch = c["torch"]
+    with torch.no_grad():
+        out = c["hf"].generate(input_ids=torch.tensor(ids[None].astype(np.int64)),
+                               pixel_values=torch.tensor(np.stack([im.pixel_values for im in imgs])),
+                               do_sample=False, max_new_tokens=NEW, eos_token_id=c["tok"].eos_token_id,
+                               pad_token_id=c["tok"].pad_token_id)
+    return c["tok"].decode(out[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def test_chain_of_spot_two_turns_match_transformers(checkpoint, tmp_path, monkeypatch):
+    from jaxvlm.cli import main
+    from jaxvlm.data.image_processing import LlavaImageProcessor, expand_to_square, load_image
+    from jaxvlm.methods import chain_of_spot as cos
+    c = checkpoint
+    # A random model's ROI never parses as a box; read every ROI as this one so that the crop path runs.
+    box = (0.1, 0.2, 0.7, 0.9)
+    monkeypatch.setattr(cos, "parse_roi", lambda text: box)
+    out = tmp_path / "cos.jsonl"
+    base = ["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
+            "--image-folder", str(c["root"]), "--max-new-tokens", str(NEW), "--batch-size", "2", "--chain-of-spot"]
+    assert main([*base, "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [7, 8, 9]
+    fill = LlavaImageProcessor.for_llava(c["cfg"]).fill
+    for q, r in zip(c["qs"], rows):
+        img = load_image(c["root"] / q["image"])
+        roi = hf_greedy(c, cos.roi_messages(q["text"]), [img])
+        assert r["roi"] == roi and r["roi_cropped"] is True
+        square = expand_to_square(img, fill)
+        side = square.size[0]
+        crop = square.crop(tuple(side * v for v in box))
+        assert r["answer"] == hf_greedy(c, cos.answer_messages(q["text"], roi), [img, crop])
+    assert any(r["answer"] for r in rows)
+
+    bad = tmp_path / "noimage.jsonl"
+    bad.write_text('{"question_id": 1, "text": "hi"}\n')
+    base[base.index("--questions") + 1] = str(bad)
+    with pytest.raises(SystemExit, match="needs an image for every question; record 0"):
+        main([*base, "--output", str(tmp_path / "x.jsonl")])

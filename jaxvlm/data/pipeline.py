@@ -58,7 +58,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
@@ -98,7 +98,8 @@ class SampleBuilder:
     def __init__(self, tokenizer: Any, template: str | ct.ChatTemplate, image_processor: ImageProcessor | None,
                  max_len: int, images_per_sample: int, *, image_root: str | os.PathLike | None = None,
                  image_token_id: int | None = None, pad_token_id: int | None = None,
-                 on_bad_record: str = "error", skipped: SkipLog | None = None):
+                 on_bad_record: str = "error", skipped: SkipLog | None = None,
+                 label_transform: Callable[[np.ndarray], np.ndarray] | None = None):
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         if max_len <= 0 or images_per_sample < 0:
@@ -122,6 +123,7 @@ class SampleBuilder:
             raise ValueError("images_per_sample > 0 needs an image_processor")
         self.on_bad_record = on_bad_record
         self.skipped = skipped if skipped is not None else SkipLog()
+        self.label_transform = label_transform
 
     def __call__(self, record: Record) -> dict[str, np.ndarray] | None:
         try:
@@ -148,6 +150,8 @@ class SampleBuilder:
         except ValueError as e:
             raise BadRecordError(rid, "malformed", f"record {rid!r}: {e}") from e
         ids, labels, T = enc.input_ids, enc.labels, self.max_len
+        if self.label_transform is not None:     # a method's own targets (e.g. REVERSE's span masking)
+            labels = self.label_transform(labels)
         if len(ids) > T:
             cut = [(k, a, b) for k, (a, b) in enumerate(enc.image_spans) if b > T]
             if cut:
@@ -241,7 +245,8 @@ def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root:
                  image_token_id: int | None = None, pad_token_id: int | None = None, num_epochs: int | None = None,
                  shuffle: bool = True, on_bad_record: str = "error", even_shards: bool = True,
                  drop_remainder: bool = True, num_threads: int = 8, prefetch: int = 64,
-                 curriculum: Sequence[Sequence[float]] = (), curriculum_key: str = "num_objects") -> Pipeline:
+                 curriculum: Sequence[Sequence[float]] = (), curriculum_key: str = "num_objects",
+                 label_transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Pipeline:
     """Build the training data pipeline (see the module docstring for the batch contract).
 
     records_path: LLaVA-format JSON/JSONL file, or already-loaded `Record`s. image_root: prefix for image paths.
@@ -251,6 +256,8 @@ def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root:
     curriculum: ``[(until_step, max_value), ...]``: the first batches serve only records whose
     ``curriculum_key`` field is at most ``max_value`` (see `curriculum_order`), then the regular epochs
     start; the iterator state still resumes at exactly the next batch.
+    label_transform: `[T]` labels -> `[T]` labels of each encoded sample, before truncation (a method's own
+    targets, e.g. `jaxvlm.methods.reverse.dehallucination_labels`).
     """
     if shard_index is None or shard_count is None:
         import jax
@@ -269,7 +276,7 @@ def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root:
     skipped = SkipLog()
     builder = SampleBuilder(tokenizer, template, image_processor, max_len, images_per_sample,
                             image_root=image_root, image_token_id=image_token_id, pad_token_id=pad_token_id,
-                            on_bad_record=on_bad_record, skipped=skipped)
+                            on_bad_record=on_bad_record, skipped=skipped, label_transform=label_transform)
 
     total = len(records)
     if even_shards:

@@ -51,6 +51,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV-cache slots (default: longest prompt + max-new-tokens, rounded up to 128)")
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--model-id", default=None, help="model_id written in the answers (default: checkpoint name)")
+    p.add_argument("--ue-layers", default=None, metavar="I,J,...",
+                   help="decode with UE's layer contrast against these hidden-state indices (0 = embeddings; "
+                        "jaxvlm.methods.ue); greedy")
+    p.add_argument("--ue-prior", default=None, metavar="W,W,...",
+                   help="UE's layer prior, one weight per --ue-layers entry (e.g. its PhD prior for layers 0-7)")
+    p.add_argument("--ue-relative-top", type=float, default=0.1, help="UE's plausibility filter alpha (default 0.1)")
+    p.add_argument("--chain-of-spot", action="store_true",
+                   help="Chain-of-Spot (LLaVA): ask for the question's region of interest, crop it, answer with the "
+                        "image and the crop (jaxvlm.methods.chain_of_spot); answers gain 'roi' and 'roi_cropped'")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -129,6 +138,30 @@ def encode_request(cfg, tok, proc, template, prompt: str, image=None, system: st
     return ids, pix
 
 
+def _numbers(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"jaxvlm generate: {what} must be comma-separated numbers, got {text!r}") from None
+
+
+def ue_hooks_from_args(args: argparse.Namespace):
+    """The engine hooks `--ue-layers`/`--ue-prior` ask for, or None."""
+    if args.ue_layers is None:
+        if args.ue_prior is not None:
+            raise SystemExit("jaxvlm generate: --ue-prior needs --ue-layers")
+        return None
+    from jaxvlm.methods.ue import ue_hooks
+    if args.temperature > 0:
+        raise SystemExit("jaxvlm generate: UE decodes greedily (the argmax of its contrast); drop --temperature")
+    layers = [int(x) for x in _numbers(args.ue_layers, "--ue-layers")]
+    prior = None if args.ue_prior is None else _numbers(args.ue_prior, "--ue-prior")
+    try:
+        return ue_hooks(layers, prior=prior, relative_top=args.ue_relative_top)
+    except ValueError as e:
+        raise SystemExit(f"jaxvlm generate: {e}") from None
+
+
 class Answerer:
     """Encodes (image, prompt) pairs with a chat template and decodes them in fixed-size batches."""
 
@@ -150,6 +183,7 @@ class Answerer:
         self.sampler = SamplerConfig(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                      repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
                                      eos_token_ids=tuple(sorted(eos)), pad_token_id=pad)
+        self.hooks = ue_hooks_from_args(args)
         self.args = args
         self.engine = None
 
@@ -160,13 +194,25 @@ class Answerer:
         a = self.args
         self.max_patches = max_patches
         max_len = a.max_len or -(-(longest_prompt + a.max_new_tokens) // 128) * 128
-        self.engine = Engine(self.model, batch_size=a.batch_size, max_len=max_len, sampler=self.sampler)
+        self.engine = Engine(self.model, batch_size=a.batch_size, max_len=max_len, sampler=self.sampler,
+                             **({} if self.hooks is None else {"hooks": self.hooks}))
 
     def encode(self, prompt: str, image_path: str | None) -> tuple[np.ndarray, Any]:
         """-> (ids [T], pixels): LLaVA pixels `[3, H, W]`, Qwen2-VL `(patches [N, D], grid_thw [3])`."""
         from jaxvlm.data.image_processing import load_image
         image = None if image_path is None else load_image(image_path)
         return encode_request(self.cfg, self.tok, self.proc, self.template, prompt, image, self.system)
+
+    def encode_messages(self, messages: list[dict], images: list) -> tuple[np.ndarray, np.ndarray | None]:
+        """A whole conversation with its PIL images in order (LLaVA) -> (ids `[T]`, pixels `[n, 3, H, W]`)."""
+        from jaxvlm.data.chat_templates import encode_prompt
+        if self.qwen2:
+            raise NotImplementedError("multi-image conversations are served for LLaVA checkpoints only")
+        msgs = ([] if self.system is None else [{"role": "system", "content": self.system}]) + list(messages)
+        procs = [self.proc(im) for im in images]
+        ids = encode_prompt(self.template, msgs, self.tok, image_token_id=self.cfg.image_token_id,
+                            image_token_counts=[p.num_tokens for p in procs])
+        return ids, (np.stack([p.pixel_values for p in procs]) if procs else None)
 
     def _qwen2_vision(self, batch: dict, items) -> None:
         """Pack the batch's patches into `[batch_size * most patches of one image, D]` (zero rows
@@ -200,8 +246,8 @@ class Answerer:
         batch = dict(input_ids=ids, attention_mask=mask)
         if self.qwen2:
             self._qwen2_vision(batch, items)
-        elif pix:
-            batch["pixel_values"] = np.stack(pix)
+        elif pix:    # one image `[3, H, W]` or several `[n, 3, H, W]` per item, in order
+            batch["pixel_values"] = np.concatenate([p[None] if p.ndim == 3 else p for p in pix])
         out = self.engine.generate(self.params, batch, max_new_tokens=self.args.max_new_tokens,
                                    temperature=self.args.temperature, rng=seed, stop_strings=self.stop_strings,
                                    tokenizer=self.tok)
@@ -237,25 +283,31 @@ def main(args: argparse.Namespace) -> int:
         return None if not im else os.path.join(folder, im)
 
     answerer = Answerer(args.checkpoint, args)
-    encoded = [answerer.encode(r.get("text", r.get("prompt")), image_of(r))
-               for r in tqdm(records, desc="encode", unit="q", disable=single, file=sys.stderr)]
-    answerer.build_engine(max(len(i) for i, _ in encoded),
-                          max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
+    if args.chain_of_spot:
+        answer_chunk = chain_of_spot_answers(answerer, records, image_of, single)
+    else:
+        encoded = [answerer.encode(r.get("text", r.get("prompt")), image_of(r))
+                   for r in tqdm(records, desc="encode", unit="q", disable=single, file=sys.stderr)]
+        answerer.build_engine(max(len(i) for i, _ in encoded),
+                              max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
+
+        def answer_chunk(indices, seed):
+            return [{"answer": a} for a in answerer.answer([encoded[i] for i in indices], seed)]
 
     out_f = open(args.output, "w") if (args.output and not single) else None
     try:
         n_done = 0
         bar = tqdm(total=len(records), desc="generate", unit="q", disable=single, file=sys.stderr)
-        for b, chunk in enumerate(_batches(list(zip(records, encoded)), args.batch_size)):
-            answers = answerer.answer([e for _, e in chunk], args.seed + b)
-            for (rec, _), ans in zip(chunk, answers):
+        for b, chunk in enumerate(_batches(list(range(len(records))), args.batch_size)):
+            for i, got in zip(chunk, answer_chunk(chunk, args.seed + b)):
+                rec = records[i]
                 if single:
-                    print(ans)
+                    print(got["answer"])
                     continue
                 row = {k: v for k, v in rec.items() if k not in ("text", "prompt")}
                 key = "question_id" if "question_id" in rec else "id"
                 row[key] = rec.get(key, n_done)
-                row.update(prompt=rec.get("text", rec.get("prompt")), answer=ans, model_id=model_id)
+                row.update(prompt=rec.get("text", rec.get("prompt")), **got, model_id=model_id)
                 line = json.dumps(row)
                 if out_f:
                     out_f.write(line + "\n")
@@ -268,3 +320,39 @@ def main(args: argparse.Namespace) -> int:
         if out_f:
             out_f.close()
     return 0
+
+
+def chain_of_spot_answers(answerer: Answerer, records: list[dict], image_of, quiet: bool):
+    """Chain-of-Spot's two turns for every record (jaxvlm.methods.chain_of_spot): returns
+    answer_chunk(indices, seed) -> [{answer, roi, roi_cropped}]. One engine serves both
+    turns: its cache fits twice the longest turn-1 prompt (turn 2 repeats it with a second image and the
+    question) plus the ROI and the answer."""
+    from tqdm import tqdm
+
+    from jaxvlm.data.image_processing import load_image
+    from jaxvlm.methods import chain_of_spot as cos
+    if answerer.qwen2:
+        raise SystemExit("jaxvlm generate: --chain-of-spot is a LLaVA-1.5 method; this is a Qwen2-VL checkpoint")
+    images, questions = [], []
+    for n, rec in enumerate(records):
+        path = image_of(rec)
+        if path is None:
+            raise SystemExit(f"jaxvlm generate: --chain-of-spot needs an image for every question; record {n} "
+                             f"({rec.get('question_id', rec.get('id', '?'))}) has none")
+        images.append(load_image(path, str(rec.get("question_id", rec.get("id", n)))))
+        questions.append(rec.get("text", rec.get("prompt")))
+    turn1 = [answerer.encode_messages(cos.roi_messages(q), [im])
+             for q, im in tqdm(list(zip(questions, images)), desc="encode", unit="q", disable=quiet, file=sys.stderr)]
+    answerer.build_engine(2 * max(len(i) for i, _ in turn1) + answerer.args.max_new_tokens)
+
+    def answer_chunk(indices, seed):
+        rois = answerer.answer([turn1[i] for i in indices], seed)
+        turn2, cropped = [], []
+        for i, roi in zip(indices, rois):
+            crop, ok = cos.crop_to_roi(images[i], roi, answerer.proc.fill)
+            turn2.append(answerer.encode_messages(cos.answer_messages(questions[i], roi), [images[i], crop]))
+            cropped.append(ok)
+        answers = answerer.answer(turn2, seed)
+        return [{"answer": a, "roi": r, "roi_cropped": c} for a, r, c in zip(answers, rois, cropped)]
+
+    return answer_chunk

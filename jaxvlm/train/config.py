@@ -120,7 +120,8 @@ def train_defaults() -> Config:
                   batch_size=8, seq_len=32, images_per_sample=1, seed=0,
                   min_pixels=None, max_pixels=None,    # qwen2_vl: smart_resize bounds (None: HF's defaults)
                   curriculum=[],                       # pipeline: [[until_step, max_value], ...], easy records
-                  curriculum_key="num_objects"),       # first (jaxvlm.data.pipeline.curriculum_order)
+                  curriculum_key="num_objects",        # first (jaxvlm.data.pipeline.curriculum_order)
+                  reverse_labels=False),               # pipeline: REVERSE's span masking of the targets
         train=dict(steps=100, accum_steps=1, seed=0, log_every=10, workdir="runs/default",
                    export=None,              # dir: write the final (LoRA-merged) params as a converted
                                              # checkpoint `jaxvlm generate --checkpoint` reads

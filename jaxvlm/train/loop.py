@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -170,10 +171,15 @@ def make_data(cfg: Config, lc: ModelConfig, local_batch: int):
         if not d.path or not os.path.isfile(d.path):
             raise FileNotFoundError(f"data file not found: {d.path}")
         tok = AutoTokenizer.from_pretrained(d.tokenizer or cfg.model.init_from)
+        transform = None
+        if d.reverse_labels:      # the tokenizer must already hold <SPAN>, </CN>, </UN> (tag_ids says if not)
+            from jaxvlm.methods.reverse import dehallucination_labels, tag_ids
+            transform = functools.partial(dehallucination_labels, tags=tag_ids(tok))
         return make_dataset(d.path, d.image_root, tok, d.template, image_processor(lc, d),
                             max_len=d.seq_len, images_per_sample=d.images_per_sample, batch_size=local_batch,
                             seed=d.seed, image_token_id=lc.image_token_id,
-                            curriculum=d.curriculum or (), curriculum_key=d.curriculum_key, **shard)
+                            curriculum=d.curriculum or (), curriculum_key=d.curriculum_key,
+                            label_transform=transform, **shard)
     raise ValueError(f"unknown data.kind {d.kind!r}; known: synthetic, npz, pipeline")
 
 
