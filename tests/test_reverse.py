@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from data_utils import build_tokenizer
+from test_llava_parity import torch_mods  # noqa: F401 (fixture)
 from jaxvlm.data import chat_templates as ct
 from jaxvlm.data.pipeline import SampleBuilder
 from jaxvlm.data.conversation import record_from_llava
@@ -83,3 +84,86 @@ def test_render_answer_drops_tags_and_reattaches_punctuation(tok):
     ids = tok("There is <SPAN>a red square</CN> , and <SPAN>a circle</CN> . Then", add_special_tokens=False)["input_ids"]
     assert reverse.render_answer(ids, tok, tags) == "There is a red square, and a circle. Then"
     assert reverse.render_answer(ids, tok, tags, cut_current_sentence=True) == "There is a red square, and a circle."
+
+
+# Retrospective resampling against the original loop (reverse_vlm llava/eval/inference_utils.py), run on the
+# same scripted model: reverse_resampling_cases.json holds what the original returned for these scripts
+# (text, history, success, calls, temperatures, prefixes), covering corrections, format errors, the
+# 10-try fall back to the last sentence and the 50-try limit. (A fuzz over 300 such scripts matched too.)
+def scripted(tok, seed):
+    S, C, U = reverse.tag_ids(tok)
+    words = list(range(10, 60))
+    rng = np.random.default_rng(seed)
+    script = []
+    for _ in range(80):
+        ids = []
+        for _ in range(rng.integers(1, 5)):
+            ids += list(rng.choice(words, rng.integers(0, 3)))
+            if rng.random() < 0.8:
+                ids += [S] + list(rng.choice(words, rng.integers(1, 3))) + [C if rng.random() < 0.6 else U]
+            if rng.random() < 0.3:
+                ids.append(tok.convert_tokens_to_ids("."))
+            if rng.random() < 0.05:
+                ids.append(S)                                   # a format error now and then
+        ids.append(tok.eos_token_id)
+        script.append((np.array(ids), rng.random(len(ids)) ** rng.choice([1, 3, 8])))
+    threshold = float(rng.choice([0.003, 0.2, 0.5]))
+    prompt = list(rng.choice(words, 12))
+    return script, threshold, prompt
+
+
+def test_retrospective_resampling_follows_the_original(tok):
+    import hashlib
+    import json
+    import pathlib
+    cases = json.loads((pathlib.Path(__file__).parent / "reverse_resampling_cases.json").read_text())
+    assert {c["success"] for c in cases.values()} == {True, False}
+    for seed, want in cases.items():
+        script, threshold, prompt = scripted(tok, int(seed))
+        prefixes, temps = [], []
+
+        def generate(prefix, temperature):
+            prefixes.append([int(i) for i in prefix])
+            temps.append(round(float(temperature), 6))
+            return script[len(prefixes) - 1]
+
+        res = reverse.retrospective_resample(generate, prompt, tok, threshold=threshold,
+                                             cut_unfinished_sentence=bool(int(seed) % 2))
+        assert (res.text, res.success) == (want["text"], want["success"]), seed
+        assert [list(h) for h in res.history] == want["history"], seed
+        assert len(prefixes) == want["calls"] and temps == pytest.approx(want["temps"]), seed
+        assert [len(p) for p in prefixes] == want["prefix_lengths"], seed
+        assert hashlib.sha1(json.dumps(prefixes).encode()).hexdigest() == want["prefix_sha"], seed
+
+
+def test_engine_generator_reads_p_un_at_each_generated_token(torch_mods):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxvlm.conversion.api import llava_from_torch
+    from jaxvlm.generate import Engine, Hooks
+    from test_generate import full_logits
+    from test_llava_parity import IMG, tiny_llava_hf
+
+    class Tags:        # a stand-in tokenizer: the model's ids 5, 9, 7 play <SPAN>, </CN>, </UN>
+        unk_token_id = None
+
+        def convert_tokens_to_ids(self, t):
+            return {"<SPAN>": 5, "</CN>": 9, "</UN>": 7}[t]
+
+    torch, transformers = torch_mods
+    cfg, model, params = llava_from_torch(tiny_llava_hf(transformers, "llama2"))
+    engine = Engine(model, batch_size=1, max_len=96, buckets=(64, 96), hooks=Hooks(track_token_ids=(7,)))
+    rng = np.random.default_rng(1)
+    prompt = np.concatenate([[1], rng.integers(3, IMG, 3), np.full(16, IMG), rng.integers(3, IMG, 10)])
+    pix = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    gen = reverse.engine_generator(engine, params, pix, Tags(), max_new_tokens=12, seed=5)
+    new, p_un = gen(prompt, 1.0)
+    again, _ = gen(prompt, 1.0)
+    assert len(new) == len(p_un) == 12 and not np.array_equal(new, again)      # sampled, a fresh key each call
+    assert IMG not in new        # (a sampled image-token id would make the cache-free reference read an image)
+    seq = np.concatenate([prompt, new])[None]
+    logits = full_logits(model, params, seq, np.ones_like(seq), pix).logits[0, len(prompt) - 1:-1]
+    np.testing.assert_allclose(p_un, np.asarray(jax.nn.softmax(jnp.asarray(logits), -1))[:, 7], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="track_token_ids"):
+        reverse.engine_generator(Engine(model, batch_size=1, max_len=96), params, pix, Tags(), max_new_tokens=4)

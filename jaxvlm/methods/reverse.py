@@ -11,7 +11,12 @@ right after ``</UN>``). This module holds the training side as the original code
   ``" (Hint: potential incorrect phrases -> {hint})"`` appended (apply it to LLaVA records when loading).
 - `render_answer`: generated ids -> readable text (tags dropped, spaces before punctuation removed).
 
-Retrospective resampling (the inference loop) is not here yet.
+Retrospective resampling (`retrospective_resample`, the inference loop of ``llava/eval/inference_utils.py``):
+generate; at each phrase's closing tag read P(</UN>) from the raw next-token distribution; at the first
+phrase above the threshold, keep what precedes it (the confident spans), add the phrase to a hint in the
+prompt, raise the temperature by 0.05 (at most +0.5) and resample from there, keeping only the next span
+of a correction; after 10 failed local tries, fall back to the last full sentence; stop after 50 tries.
+`engine_generator` drives it with `jaxvlm.generate.Engine` (tracked P(</UN>), one row).
 
 Example:
     >>> tok.add_tokens(list(TAGS))
@@ -19,16 +24,20 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import string
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 SPAN, CONFIDENT, UNCONFIDENT = "<SPAN>", "</CN>", "</UN>"
 TAGS = (SPAN, CONFIDENT, UNCONFIDENT)
 HINT = "(Hint: potential incorrect phrases -> {})"
+OPEN_QA_PROMPT = ("For this question, please point out the false premises or note what information is missing, "
+                  "rather than answering it directly.")
+OPEN_QA_DEFAULT_ANSWER = "Unable to answer directly due to false premises or missing information."
 IGNORE_INDEX = -100
 
 
@@ -86,3 +95,164 @@ def render_answer(ids: Sequence[int], tokenizer: Any, tags: Sequence[int], cut_c
         sentences = text.split(".")
         text = ". ".join(sentences[:-1]) + "." if len(sentences) > 1 else ""
     return text
+
+
+# ----------------------------------------------------------------------------- retrospective resampling
+
+
+@dataclasses.dataclass
+class Resampled:
+    """What `retrospective_resample` returns: the answer (tags dropped), the history of attempts as
+    (raw text, the flagged phrase | None | "successful correction"), and whether it ended without a flag."""
+
+    text: str
+    history: list[tuple[str, str | None]]
+    success: bool
+
+
+#: generate(prefix_ids `[T]`, temperature) -> (new ids `[n]` including a final EOS if one was produced,
+#: P(</UN>) `[n]` from the raw (unprocessed) distribution at the step that produced each new id)
+Generator = Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]]
+
+
+def _decode(tokenizer, ids) -> str:
+    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+
+
+def _without_tags_text(text: str) -> str:
+    for t in (UNCONFIDENT, CONFIDENT, SPAN):
+        text = text.replace(t, "")
+    return text.strip()
+
+
+def _tags_pair_up(ids: np.ndarray, tags: Sequence[int]) -> bool:
+    """As many closers as <SPAN>s, and each <SPAN> before its (sorted) closer."""
+    opens = np.flatnonzero(ids == tags[0])
+    closes = np.sort(np.flatnonzero((ids == tags[1]) | (ids == tags[2])))
+    return len(opens) == len(closes) and bool(np.all(opens <= closes))
+
+
+def _check(existing: np.ndarray, new: np.ndarray, p_un: np.ndarray, tokenizer, tags, threshold: float,
+           correcting: bool, eos_id: int):
+    """One attempt's verdict: (text, raw text, new ids, flagged phrase | None, backtrack index, latest
+    index). While correcting, only the first span of `new` counts (the rest is cut, EOS appended)."""
+    if correcting:
+        closes = np.sort(np.flatnonzero((new == tags[1]) | (new == tags[2])))
+        if len(closes):
+            c = int(closes[0])
+            new = np.concatenate([new[:c + 1], [eos_id]])
+            p_un = np.concatenate([p_un[:c + 1], p_un[-1:]])
+    latest = len(new)
+    out = np.concatenate([existing, new]).astype(np.int64)
+    raw = _decode(tokenizer, out)
+    if not np.any(out == tags[0]):
+        plain = raw.split(UNCONFIDENT)[0].replace(CONFIDENT, "").strip()
+        return plain, plain, new, None, -1, latest
+    readable = render_answer(out, tokenizer, tags)
+    if not _tags_pair_up(out, tags):
+        return raw, readable, new, "Format Error", 0, latest
+    opens = np.flatnonzero(new == tags[0])
+    closes = np.sort(np.flatnonzero((new == tags[1]) | (new == tags[2])))
+    phrase, back = None, -1
+    for k, (o, c) in enumerate(zip(opens, closes)):
+        if p_un[c] > threshold and back == -1:
+            if k == 0:
+                latest, back = int(c) + 1, 0
+            else:
+                back = int(closes[k - 1]) + 1          # just after the last confident phrase
+            phrase = _decode(tokenizer, new[o + 1:c])
+    return readable, raw, new, phrase, back, latest
+
+
+def retrospective_resample(generate: Generator, prompt_ids: Sequence[int], tokenizer: Any, *,
+                           threshold: float = 0.003, temperature: float = 1.0, max_attempts: int = 50,
+                           local_attempts: int = 10, temperature_step: float = 0.05, open_qa_prompt: bool = False,
+                           cut_unfinished_sentence: bool = False, assistant_tokens: int = 5,
+                           llama3: bool = False) -> Resampled:
+    """REVERSE's decoding for one prompt (`prompt_ids` `[T]`, chat-templated, ending with the assistant
+    header of `assistant_tokens` tokens, before which hints go). Defaults are the original's: tau 0.003
+    (0.5 for yes/no benchmarks), T0 1.0 (0.0 for Qwen), N 50, K 10, step 0.05 (its flag for 0.1 is never
+    read). `open_qa_prompt` always adds the false-premise prompt; `llama3` pads hints with spaces (LLaVA-MORE);
+    `cut_unfinished_sentence` applies when all attempts are used (the original's open-ended QA flag)."""
+    tags = tag_ids(tokenizer)
+    eos = tokenizer.eos_token_id
+    prompt = np.asarray(prompt_ids, np.int64)
+    existing = np.zeros((0,), np.int64)
+    history: list[tuple[str, str | None]] = []
+    phrases: list[str] = []
+    correcting, local, temp = False, 0, temperature
+    phrase = None
+
+    def prefix() -> np.ndarray:
+        if not phrases and not open_qa_prompt:
+            return np.concatenate([prompt, existing])
+        hint = (" " if llama3 else "") + OPEN_QA_PROMPT
+        if phrases:
+            neg = HINT.format(", ".join(phrases[-5:]))
+            hint += f" {neg} " if llama3 else neg
+        hint_ids = np.asarray(tokenizer.encode(hint), np.int64)[1:]      # the original drops the first id (BOS)
+        cut = len(prompt) - assistant_tokens
+        return np.concatenate([prompt[:cut], hint_ids, prompt[cut:], existing])
+
+    for _ in range(max_attempts):
+        if not correcting:
+            temp = temperature
+        new, p_un = generate(prefix(), temp)
+        new, p_un = np.asarray(new, np.int64), np.asarray(p_un, np.float64)
+        text, raw, new, phrase, back, latest = _check(existing, new, p_un, tokenizer, tags, threshold, correcting, eos)
+        if phrase is None:
+            if not correcting:
+                history.append((raw, None))
+                return Resampled(text, history, True)
+            correcting, local = False, 0
+            history.append((raw, "successful correction"))
+            existing = np.concatenate([existing, new[:back]])            # back == -1: all but the EOS
+            continue
+        correcting, local = True, local + 1
+        temp = min(temp + temperature_step, temperature + 0.5)
+        if phrase.lower() not in phrases:
+            phrases.append(phrase.lower())
+        if local == local_attempts:                  # give up on this spot: back to the last full sentence
+            if not len(existing):
+                first = np.flatnonzero(new == tags[0])
+                dropped = _decode(tokenizer, new[:first[0]] if len(first) else new).lower()
+            else:
+                periods = np.flatnonzero(existing == tokenizer.convert_tokens_to_ids("."))
+                keep = int(periods[-1]) + 1 if len(periods) else 0
+                dropped = _without_tags_text(_decode(tokenizer, existing[keep:]))
+                existing = existing[:keep]
+            if dropped:
+                phrases.append(dropped)
+            history.append((_decode(tokenizer, existing), phrase))
+            local = 0
+            continue
+        history.append((_decode(tokenizer, np.concatenate([existing, new[:latest]])), phrase))
+        existing = np.concatenate([existing, new[:back]])
+    history.append((_decode(tokenizer, existing), phrase))
+    return Resampled(render_answer(existing, tokenizer, tags, cut_current_sentence=cut_unfinished_sentence),
+                     history, False)
+
+
+def engine_generator(engine, params, pixel_values: np.ndarray | None, tokenizer: Any, *, max_new_tokens: int,
+                     seed: int = 0) -> Generator:
+    """A `Generator` over `jaxvlm.generate.Engine` for one prompt and its image(s): the engine must be built
+    with ``Hooks(track_token_ids=(id of </UN>,))`` and batch_size >= 1; each call samples with a fresh key."""
+    from jaxvlm.generate import tracked_prob
+    un = tag_ids(tokenizer)[2]
+    if un not in engine.hooks.track_token_ids:
+        raise ValueError(f"build the engine with Hooks(track_token_ids=({un},)): REVERSE reads P(</UN>)")
+    calls = [0]
+
+    def generate(prefix: np.ndarray, temperature: float):
+        batch = {"input_ids": np.asarray(prefix)[None], "attention_mask": np.ones((1, len(prefix)), np.int32)}
+        if pixel_values is not None:
+            batch["pixel_values"] = pixel_values
+        gen = engine.generate(params, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                              rng=seed * 1_000_003 + calls[0])
+        calls[0] += 1
+        n = int(gen.lengths[0])
+        start = int(gen.state.gen_start)
+        probs = np.asarray(tracked_prob(gen.state, un, engine.hooks))[0, start:start + n]
+        return gen.tokens[0, :n], probs
+
+    return generate
