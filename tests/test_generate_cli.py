@@ -13,14 +13,17 @@ NEW = 12
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("gen_cli"), build_tokenizer())
+
+
+def make_checkpoint(root, tok):
+    """A converted tiny LLaVA for `tok` (tokenizer files kept beside it), three images and questions."""
     import torch
     import transformers
 
     from jaxvlm.conversion.api import llava_from_torch
     from jaxvlm.conversion.converted import save_converted
 
-    root = tmp_path_factory.mktemp("gen_cli")
-    tok = build_tokenizer()
     tok_dir = root / "tok"
     tok.save_pretrained(tok_dir)
     img_id = tok.convert_tokens_to_ids("<image>")
@@ -193,3 +196,56 @@ def test_chain_of_spot_two_turns_match_transformers(checkpoint, tmp_path, monkey
     base[base.index("--questions") + 1] = str(bad)
     with pytest.raises(SystemExit, match="needs an image for every question; record 0"):
         main([*base, "--output", str(tmp_path / "x.jsonl")])
+
+
+
+@pytest.fixture(scope="module")
+def tagged_checkpoint(tmp_path_factory):
+    from jaxvlm.methods.reverse import TAGS
+    tok = build_tokenizer()
+    tok.add_tokens(list(TAGS))
+    return make_checkpoint(tmp_path_factory.mktemp("gen_cli_tags"), tok)
+
+
+def test_reverse_flag_runs_the_resampling_loop_on_the_engine(checkpoint, tagged_checkpoint, tmp_path):
+    """--reverse against the same loop driven by transformers' greedy generate (threshold 1: no phrase is
+    flagged, so decoding stays greedy and both sides are deterministic)."""
+    from jaxvlm.cli import main
+    from jaxvlm.data.chat_templates import encode_prompt
+    from jaxvlm.data.image_processing import LlavaImageProcessor, load_image
+    from jaxvlm.methods import reverse
+    c = tagged_checkpoint
+    torch, hf, tok = c["torch"], c["hf"], c["tok"]
+    un = reverse.tag_ids(tok)[2]
+    base = ["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
+            "--image-folder", str(c["root"]), "--max-new-tokens", str(NEW), "--batch-size", "2", "--reverse",
+            "--temperature", "0", "--reverse-threshold", "1.0"]
+    out = tmp_path / "rev.jsonl"
+    assert main([*base, "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    proc = LlavaImageProcessor.for_llava(c["cfg"])
+    for q, r in zip(c["qs"], rows):
+        img = proc(load_image(c["root"] / q["image"]))
+        ids = encode_prompt("vicuna_v1", [{"role": "user", "content": "<image>\n" + q["text"]}], tok,
+                            image_token_id=c["cfg"].image_token_id, image_token_counts=[img.num_tokens])
+
+        def hf_generate(prefix, temperature):
+            assert temperature == 0.0
+            with torch.no_grad():
+                o = hf.generate(input_ids=torch.tensor(prefix[None]), pixel_values=torch.tensor(img.pixel_values[None]),
+                                do_sample=False, max_new_tokens=NEW, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=True)
+            new = o.sequences[0, len(prefix):].numpy()
+            p_un = torch.softmax(torch.stack(o.logits, 1)[0], -1)[:, un].numpy()
+            return new, p_un
+
+        want = reverse.reverse_answer(hf_generate, ids, tok, threshold=1.0, temperature=0.0)
+        assert r["answer"] == want.text and r["reverse_success"] == want.success
+        assert r["reverse_attempts"] == len(want.history)
+    assert any(r["answer"] for r in rows)
+    plain = [checkpoint["root"] / "q.jsonl", checkpoint["ckpt"]]
+    with pytest.raises(SystemExit, match=r"--reverse: the tokenizer has no <SPAN>"):
+        main(["generate", "--checkpoint", str(plain[1]), "--questions", str(plain[0]), "--image-folder",
+              str(checkpoint["root"]), "--reverse", "--output", str(tmp_path / "x.jsonl")])
+    with pytest.raises(SystemExit, match="pick one"):
+        main([*base, "--chain-of-spot", "--output", str(tmp_path / "y.jsonl")])

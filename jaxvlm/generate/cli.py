@@ -57,6 +57,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ue-prior", default=None, metavar="W,W,...",
                    help="UE's layer prior, one weight per --ue-layers entry (e.g. its PhD prior for layers 0-7)")
     p.add_argument("--ue-relative-top", type=float, default=0.1, help="UE's plausibility filter alpha (default 0.1)")
+    p.add_argument("--reverse", action="store_true",
+                   help="REVERSE's retrospective resampling (jaxvlm.methods.reverse; the tokenizer needs <SPAN>, </CN>, "
+                        "</UN>): one question at a time, at --temperature (REVERSE: 1.0 for LLaVA, 0 for Qwen); "
+                        "answers gain 'reverse_success' and 'reverse_attempts'")
+    p.add_argument("--reverse-threshold", type=float, default=0.003,
+                   help="P(</UN>) above which a phrase is resampled (REVERSE: 0.003 captions, 0.5 yes/no)")
+    p.add_argument("--reverse-max-attempts", type=int, default=50)
+    p.add_argument("--reverse-local-attempts", type=int, default=10)
+    p.add_argument("--reverse-assistant-tokens", type=int, default=5,
+                   help="prompt tokens the hints go before (the original's 5: ' ASSISTANT:' in LLaVA's tokenizer)")
     p.add_argument("--chain-of-spot", action="store_true",
                    help="Chain-of-Spot (LLaVA): ask for the question's region of interest, crop it, answer with the "
                         "image and the crop (jaxvlm.methods.chain_of_spot); answers gain 'roi' and 'roi_cropped'")
@@ -282,9 +292,13 @@ def main(args: argparse.Namespace) -> int:
         im = rec.get("image")
         return None if not im else os.path.join(folder, im)
 
+    if args.reverse and args.chain_of_spot:
+        raise SystemExit("jaxvlm generate: --reverse and --chain-of-spot are separate methods; pick one")
     answerer = Answerer(args.checkpoint, args)
     if args.chain_of_spot:
         answer_chunk = chain_of_spot_answers(answerer, records, image_of, single)
+    elif args.reverse:
+        answer_chunk = reverse_answers(answerer, records, image_of, single)
     else:
         encoded = [answerer.encode(r.get("text", r.get("prompt")), image_of(r))
                    for r in tqdm(records, desc="encode", unit="q", disable=single, file=sys.stderr)]
@@ -354,5 +368,44 @@ def chain_of_spot_answers(answerer: Answerer, records: list[dict], image_of, qui
             cropped.append(ok)
         answers = answerer.answer(turn2, seed)
         return [{"answer": a, "roi": r, "roi_cropped": c} for a, r, c in zip(answers, rois, cropped)]
+
+    return answer_chunk
+
+
+def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bool):
+    """REVERSE for every record, one at a time (jaxvlm.methods.reverse.reverse_answer over the engine, P(</UN>)
+    tracked): returns answer_chunk(indices, seed) -> [{answer, reverse_success, reverse_attempts}]. The cache
+    fits the longest prompt, the hints (128 tokens) and three answers' worth of kept and new text."""
+    from tqdm import tqdm
+
+    from jaxvlm.generate import Hooks
+    from jaxvlm.methods import reverse
+    a = answerer.args
+    if answerer.hooks is not None:
+        raise SystemExit("jaxvlm generate: --reverse does not combine with --ue-layers")
+    try:
+        un = reverse.tag_ids(answerer.tok)[2]
+    except ValueError as e:
+        raise SystemExit(f"jaxvlm generate: --reverse: {e}") from None
+    encoded = [answerer.encode(r.get("text", r.get("prompt")), image_of(r))
+               for r in tqdm(records, desc="encode", unit="q", disable=quiet, file=sys.stderr)]
+    if answerer.qwen2:
+        raise SystemExit("jaxvlm generate: --reverse serves LLaVA checkpoints here (Qwen2.5-VL: call "
+                         "jaxvlm.methods.reverse with an engine generator that passes the M-RoPE positions)")
+    answerer.hooks = Hooks(track_token_ids=(un,))
+    answerer.build_engine(max(len(i) for i, _ in encoded) + 128 + 2 * a.max_new_tokens)
+
+    def answer_chunk(indices, seed):
+        out = []
+        for i in indices:
+            ids, pix = encoded[i]
+            gen = reverse.engine_generator(answerer.engine, answerer.params, None if pix is None else pix[None],
+                                           answerer.tok, max_new_tokens=a.max_new_tokens, seed=seed * 7919 + i)
+            res = reverse.reverse_answer(gen, ids, answerer.tok, threshold=a.reverse_threshold,
+                                         temperature=a.temperature, max_attempts=a.reverse_max_attempts,
+                                         local_attempts=a.reverse_local_attempts,
+                                         assistant_tokens=a.reverse_assistant_tokens)
+            out.append({"answer": res.text, "reverse_success": res.success, "reverse_attempts": len(res.history)})
+        return out
 
     return answer_chunk

@@ -233,6 +233,18 @@ def retrospective_resample(generate: Generator, prompt_ids: Sequence[int], token
                      history, False)
 
 
+def reverse_answer(generate: Generator, prompt_ids: Sequence[int], tokenizer: Any, **kw) -> Resampled:
+    """`retrospective_resample` as the original's evaluation calls it: an empty answer is retried with the
+    false-premise prompt, and an empty retry becomes "Unable to answer directly due to false premises or
+    missing information." (``model_vqa_loader.py``)."""
+    res = retrospective_resample(generate, prompt_ids, tokenizer, **kw)
+    if res.text == "":
+        res = retrospective_resample(generate, prompt_ids, tokenizer, **dict(kw, open_qa_prompt=True))
+        if res.text == "":
+            res = dataclasses.replace(res, text=OPEN_QA_DEFAULT_ANSWER)
+    return res
+
+
 def engine_generator(engine, params, pixel_values: np.ndarray | None, tokenizer: Any, *, max_new_tokens: int,
                      seed: int = 0) -> Generator:
     """A `Generator` over `jaxvlm.generate.Engine` for one prompt and its image(s): the engine must be built
