@@ -92,10 +92,13 @@ def test_train_loop_hands_the_curriculum_to_the_pipeline(trained, monkeypatch):
     first = next(iter(loop.make_data(cfg, loop.model_config(cfg), 8)))
     assert [list(x) for x in seen["curriculum"]] == [[3, 1], [5, 2]] and seen["curriculum_key"] == "num_objects"
     assert first["input_ids"].shape == (8, cfg.data.seq_len) and seen["label_transform"] is None
-    # data.reverse_labels asks for REVERSE's span tags, which the shapes tokenizer does not have
+    # data.reverse_labels hands REVERSE's span masking, with the shapes tokenizer's tag ids, to the pipeline
+    from jaxvlm.methods.reverse import tag_ids
     cfg, _ = D.recipe(out, world, out / "tokenizer", overrides=("data.reverse_labels=True",))
-    with pytest.raises(ValueError, match="no <SPAN>, </CN>, </UN> token"):
-        loop.make_data(cfg, loop.model_config(cfg), 8)
+    loop.make_data(cfg, loop.model_config(cfg), 8)
+    s, c, u = tag_ids(tok)
+    np.testing.assert_array_equal(seen["label_transform"](np.array([7, s, 8, 9, u, 10, s, 11, c])),
+                                  [7, s, -100, -100, u, 10, s, 11, c])
 
 
 def test_decode_evaluate_and_pictures(trained):

@@ -249,3 +249,52 @@ def test_reverse_flag_runs_the_resampling_loop_on_the_engine(checkpoint, tagged_
               str(checkpoint["root"]), "--reverse", "--output", str(tmp_path / "x.jsonl")])
     with pytest.raises(SystemExit, match="pick one"):
         main([*base, "--chain-of-spot", "--output", str(tmp_path / "y.jsonl")])
+
+
+def test_judger_flag_matches_transformers_eager_attention_and_generate(checkpoint, tmp_path):
+    from jaxvlm.cli import main
+    from jaxvlm.data.chat_templates import encode_prompt
+    from jaxvlm.data.image_processing import LlavaImageProcessor, load_image
+    from jaxvlm.methods import judger
+    c = checkpoint
+    torch, hf, tok, cfg = c["torch"], c["hf"], c["tok"], c["cfg"]
+    layer = 1
+    out = tmp_path / "judger.jsonl"
+    assert main(["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
+                 "--image-folder", str(c["root"]), "--max-new-tokens", str(NEW), "--batch-size", "2", "--judger",
+                 "--judger-layer", str(layer), "--template", "llava_v1", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    pad_proc = LlavaImageProcessor.for_llava(cfg)
+    crop_proc = LlavaImageProcessor.for_llava(cfg, aspect="crop")
+    img_id = cfg.image_token_id
+    hf.set_attn_implementation("eager")
+    try:
+        cropped = 0
+        for q, r in zip(c["qs"], rows):
+            image = load_image(c["root"] / q["image"])
+            full = pad_proc(image).pixel_values[None]
+            maps = []
+            for text in (q["text"], "Write a general description of the image."):
+                ids = np.array([img_id] * 16 + tok("\n" + text)["input_ids"])   # this tokenizer adds no BOS
+                with torch.no_grad():
+                    att = hf(input_ids=torch.tensor(ids[None]), pixel_values=torch.tensor(full),
+                             output_attentions=True).attentions[layer][0, :, -1].numpy()
+                maps.append(att[:, ids == img_id].astype(np.float64).mean(0).reshape(4, 4))
+            box = judger.crop_box(maps[0] / maps[1], image.size, cfg.vision.image_size)
+            assert r["crop_box"] == pytest.approx(list(box))
+            cropped += tuple(box) != (0, 0, *image.size)
+            crop = image.crop(box)
+            ids = encode_prompt("llava_v1", judger.answer_messages(q["text"]), tok, image_token_id=img_id,
+                                image_token_counts=[16, 16])
+            pix = np.stack([full[0], crop_proc(crop).pixel_values])
+            with torch.no_grad():
+                o = hf.generate(input_ids=torch.tensor(ids[None].astype(np.int64)), pixel_values=torch.tensor(pix),
+                                do_sample=False, max_new_tokens=NEW, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id)
+            assert r["answer"] == tok.decode(o[0, len(ids):], skip_special_tokens=True).strip()
+        assert cropped >= 2
+    finally:
+        hf.set_attn_implementation("sdpa")
+    with pytest.raises(SystemExit, match="--judger-layer 5 is outside"):
+        main(["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
+              "--image-folder", str(c["root"]), "--judger", "--judger-layer", "5", "--output", str(tmp_path / "x")])

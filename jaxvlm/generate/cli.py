@@ -67,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reverse-local-attempts", type=int, default=10)
     p.add_argument("--reverse-assistant-tokens", type=int, default=5,
                    help="prompt tokens the hints go before (the original's 5: ' ASSISTANT:' in LLaVA's tokenizer)")
+    p.add_argument("--judger", action="store_true",
+                   help="JUDGER's perception (LLaVA; jaxvlm.methods.judger): the question's attention over the image "
+                        "relative to a general description's picks a square crop, answered with the image and the "
+                        "crop (the original uses --template llava_v1); answers gain 'crop_box'")
+    p.add_argument("--judger-layer", type=int, default=14,
+                   help="LM layer whose attention is read (JUDGER: 14, of Vicuna-7B's 32)")
     p.add_argument("--chain-of-spot", action="store_true",
                    help="Chain-of-Spot (LLaVA): ask for the question's region of interest, crop it, answer with the "
                         "image and the crop (jaxvlm.methods.chain_of_spot); answers gain 'roi' and 'roi_cropped'")
@@ -292,10 +298,12 @@ def main(args: argparse.Namespace) -> int:
         im = rec.get("image")
         return None if not im else os.path.join(folder, im)
 
-    if args.reverse and args.chain_of_spot:
-        raise SystemExit("jaxvlm generate: --reverse and --chain-of-spot are separate methods; pick one")
+    if args.reverse + args.chain_of_spot + args.judger > 1:
+        raise SystemExit("jaxvlm generate: --reverse, --chain-of-spot and --judger are separate methods; pick one")
     answerer = Answerer(args.checkpoint, args)
-    if args.chain_of_spot:
+    if args.judger:
+        answer_chunk = judger_answers(answerer, records, image_of, single)
+    elif args.chain_of_spot:
         answer_chunk = chain_of_spot_answers(answerer, records, image_of, single)
     elif args.reverse:
         answer_chunk = reverse_answers(answerer, records, image_of, single)
@@ -343,18 +351,11 @@ def chain_of_spot_answers(answerer: Answerer, records: list[dict], image_of, qui
     question) plus the ROI and the answer."""
     from tqdm import tqdm
 
-    from jaxvlm.data.image_processing import load_image
     from jaxvlm.methods import chain_of_spot as cos
     if answerer.qwen2:
         raise SystemExit("jaxvlm generate: --chain-of-spot is a LLaVA-1.5 method; this is a Qwen2-VL checkpoint")
-    images, questions = [], []
-    for n, rec in enumerate(records):
-        path = image_of(rec)
-        if path is None:
-            raise SystemExit(f"jaxvlm generate: --chain-of-spot needs an image for every question; record {n} "
-                             f"({rec.get('question_id', rec.get('id', '?'))}) has none")
-        images.append(load_image(path, str(rec.get("question_id", rec.get("id", n)))))
-        questions.append(rec.get("text", rec.get("prompt")))
+    images = _images_of(records, image_of, "--chain-of-spot")
+    questions = [rec.get("text", rec.get("prompt")) for rec in records]
     turn1 = [answerer.encode_messages(cos.roi_messages(q), [im])
              for q, im in tqdm(list(zip(questions, images)), desc="encode", unit="q", disable=quiet, file=sys.stderr)]
     answerer.build_engine(2 * max(len(i) for i, _ in turn1) + answerer.args.max_new_tokens)
@@ -407,5 +408,59 @@ def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bo
                                          assistant_tokens=a.reverse_assistant_tokens)
             out.append({"answer": res.text, "reverse_success": res.success, "reverse_attempts": len(res.history)})
         return out
+
+    return answer_chunk
+
+
+def _images_of(records: list[dict], image_of, method: str) -> list:
+    from jaxvlm.data.image_processing import load_image
+    images = []
+    for n, rec in enumerate(records):
+        path = image_of(rec)
+        if path is None:
+            raise SystemExit(f"jaxvlm generate: {method} needs an image for every question; record {n} "
+                             f"({rec.get('question_id', rec.get('id', '?'))}) has none")
+        images.append(load_image(path, str(rec.get("question_id", rec.get("id", n)))))
+    return images
+
+
+def judger_answers(answerer: Answerer, records: list[dict], image_of, quiet: bool):
+    """JUDGER for every record (jaxvlm.methods.judger): the relative attention map of the question against
+    the general-description prompt, the adaptive crop box, then the answer over [image, crop]. Returns
+    answer_chunk(indices, seed) -> [{answer, crop_box}]."""
+    from tqdm import tqdm
+
+    from jaxvlm.data.image_processing import LlavaImageProcessor
+    from jaxvlm.methods import judger
+    if answerer.qwen2:
+        raise SystemExit("jaxvlm generate: --judger is a LLaVA-1.5 method; this is a Qwen2-VL checkpoint")
+    cfg, tok = answerer.cfg, answerer.tok
+    if not 0 <= answerer.args.judger_layer < cfg.text.num_layers:
+        raise SystemExit(f"jaxvlm generate: --judger-layer {answerer.args.judger_layer} is outside the LM's "
+                         f"{cfg.text.num_layers} layers")
+    crop_proc = LlavaImageProcessor(answerer.proc.hf, image_size=cfg.vision.image_size,
+                                    tokens_per_image=cfg.tokens_per_image, aspect="crop")   # crops are not padded
+    images = _images_of(records, image_of, "--judger")
+    n_img = cfg.tokens_per_image
+    general = None
+    encoded, boxes = [], []
+    for rec, image in tqdm(list(zip(records, images)), desc="attention", unit="q", disable=quiet, file=sys.stderr):
+        q = rec.get("text", rec.get("prompt"))
+        pix = answerer.proc(image).pixel_values[None]
+        if general is None:
+            general = judger.raw_prompt_ids(tok, judger.GENERAL_PROMPT, cfg.image_token_id, n_img)
+        a_rel = judger.relative_attention(answerer.model, answerer.params,
+                                          judger.raw_prompt_ids(tok, q, cfg.image_token_id, n_img), general, pix,
+                                          layer=answerer.args.judger_layer)
+        box = judger.crop_box(a_rel, image.size, cfg.vision.image_size)
+        crop = image.crop(box)
+        ids, _ = answerer.encode_messages(judger.answer_messages(q), [image, crop])
+        encoded.append((ids, np.stack([pix[0], crop_proc(crop).pixel_values])))
+        boxes.append([float(v) for v in box])
+    answerer.build_engine(max(len(i) for i, _ in encoded))
+
+    def answer_chunk(indices, seed):
+        answers = answerer.answer([encoded[i] for i in indices], seed)
+        return [{"answer": a, "crop_box": boxes[i]} for a, i in zip(answers, indices)]
 
     return answer_chunk

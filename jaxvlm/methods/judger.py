@@ -24,6 +24,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -35,12 +36,29 @@ ATTENTION_LAYER = 14                # HF's attentions[14]: the 15th decoder laye
 RATIOS = (1, 1.2, 1.4, 1.6, 1.8, 2)
 
 
+@functools.lru_cache(maxsize=8)
+def _last_token_attention(model, layer: int):
+    """Jitted `[H, T]` attention of the last token at `layer` (one compile per model, layer and length)."""
+    def fn(params, input_ids, pixel_values):
+        out = model.apply({"params": params}, input_ids, pixel_values, attn_layers=(layer,), logits="none")
+        return out.attentions[0][0, :, -1]
+    return jax.jit(fn)
+
+
 def image_attention(model, params, input_ids, pixel_values, layer: int, image_token_id: int):
     """`[H, P]` attention of the last token of `input_ids` (`[1, T]`, one image) to the image tokens at
     LM layer `layer` (0-based, as transformers' ``attentions[layer]``)."""
-    out = model.apply({"params": params}, input_ids, pixel_values, attn_layers=(layer,))
-    probs = out.attentions[0][0, :, -1]                      # [H, T]
-    return probs[:, input_ids[0] == image_token_id]
+    probs = _last_token_attention(model, layer)(params, input_ids, pixel_values)         # [H, T]
+    return probs[:, np.asarray(input_ids)[0] == image_token_id]
+
+
+def raw_prompt_ids(tokenizer, text: str, image_token_id: int, num_image_tokens: int) -> np.ndarray:
+    """`[T]` ids of the original's raw attention prompt ``"<image>\n" + text`` without a chat template, as
+    LLaVA's ``tokenizer_image_token`` builds it: BOS, the image tokens, then the rest tokenized on its own
+    with its BOS dropped."""
+    head = tokenizer("").input_ids
+    tail = tokenizer("\n" + text).input_ids[len(head):]
+    return np.asarray(head + [image_token_id] * num_image_tokens + tail, np.int64)
 
 
 def relative_attention(model, params, question_ids: np.ndarray, general_ids: np.ndarray, pixel_values: np.ndarray,
