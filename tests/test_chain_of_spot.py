@@ -89,3 +89,57 @@ def test_training_conversation_rewrite():
         "[0.0, 0.0, 1.0, 1.0]", 'The region of interest in the image is <image>\n. Answer the question: "Q1"', "A1"]
     with pytest.raises(ValueError, match="outside the record's 3 QA pairs"):
         cos.cos_conversation(turns, 3, None)
+
+
+def test_training_records_with_crops_feed_the_pipeline(tmp_path):
+    import random
+
+    from data_utils import build_tokenizer, write_image
+    from jaxvlm.data.conversation import record_from_llava
+    from jaxvlm.data.image_processing import LlavaImageProcessor, expand_to_square
+    from jaxvlm.data.pipeline import SampleBuilder
+    write_image(tmp_path / "im.png", 60, 40, seed=0)
+    turns = [{"from": "human", "value": "<image>\nWhat is red?"}, {"from": "gpt", "value": "the ball"},
+             {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "two"}]
+    records = [{"id": "a/1", "image": "im.png", "conversations": turns},
+               {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+               {"id": "b", "image": "im.png", "conversations": turns[:2]}]
+    rois = {f"000000_a_1_q{k}": {"params": [4, 10, 30]} for k in (0, 1)}     # record 2 has none
+    out = cos.cos_records(records, rois, str(tmp_path), str(tmp_path / "crops"), seed=3)
+    pair = random.Random(3).randrange(2)
+    label = cos.roi_label(4, 10, 30, 60, 40)                      # 60 x 40: 10 px of padding above
+    assert label == [round(10 / 60, 3), round(14 / 60, 3), round(40 / 60, 3), round(44 / 60, 3)]
+    assert out[0]["conversations"] == cos.cos_conversation(turns, pair, label)
+    full, crop_path = out[0]["image"]
+    assert full == "im.png" and crop_path.endswith(f"000000_a_1_q{pair}.png")
+    square = expand_to_square(Image.open(tmp_path / "im.png").convert("RGB"), (122, 116, 104))
+    np.testing.assert_array_equal(np.asarray(Image.open(crop_path)), np.asarray(square)[14:44, 10:40])
+    assert out[1] == records[1]
+    assert out[2]["image"] == ["im.png", "im.png"] and out[2]["conversations"][1]["value"] == "[0.0, 0.0, 1.0, 1.0]"
+    assert records[0]["image"] == "im.png"                               # the input is not modified
+
+    tok = build_tokenizer()
+    proc = LlavaImageProcessor(image_size=32, tokens_per_image=4)
+    builder = SampleBuilder(tok, "vicuna_v1", proc, 256, 2, image_root=tmp_path, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    sample = builder.build(record_from_llava(out[0], "cos"))
+    assert int(sample["num_images"]) == 2 and sample["image_valid"].all()
+    np.testing.assert_array_equal(sample["pixel_values"][1], proc(Image.open(crop_path).convert("RGB")).pixel_values)
+
+
+def test_records_command_writes_and_refuses_bad_paths(tmp_path):
+    import json
+
+    from data_utils import write_image
+    write_image(tmp_path / "im.png", 30, 30, seed=1)
+    (tmp_path / "r.json").write_text(json.dumps([{"id": "x", "image": "im.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}]))
+    (tmp_path / "rois.json").write_text(json.dumps({"000000_x_q0": {"params": [0, 0, 15]}}))
+    args = ["--records", str(tmp_path / "r.json"), "--rois", str(tmp_path / "rois.json"), "--image-root", str(tmp_path),
+            "--crops", str(tmp_path / "c"), "--out", str(tmp_path / "cos.json")]
+    assert cos.main(args) == 0
+    rec = json.loads((tmp_path / "cos.json").read_text())[0]
+    assert rec["conversations"][1]["value"] == "[0.0, 0.0, 0.5, 0.5]" and len(rec["image"]) == 2
+    with pytest.raises(SystemExit, match="exists; not overwriting"):
+        cos.main(args)
+    with pytest.raises(SystemExit, match="--rois: no such file"):
+        cos.main([*args[:2], "--rois", str(tmp_path / "nope.json"), *args[4:]])

@@ -82,21 +82,24 @@ def crop_to_roi(image: Image.Image, roi: str, fill: tuple[int, int, int]) -> tup
         return square, False
 
 
-def roi_label(top: float, left: float, size: float, width: int, height: int) -> list[float]:
-    """A square ROI `[top, left, size]` in the original image's pixels (`width` x `height`) -> the training
-    label: its box in the padded square, each coordinate a fraction of the square's side rounded to 3
-    decimals (written with ``str(list)``, e.g. ``[0.081, 0.2, 0.92, 0.84]``). The box is clipped to the
-    image's extent inside the square along the padded axis, as the original clips it."""
+def roi_box(top: float, left: float, size: float, width: int, height: int) -> tuple[float, float, float, float]:
+    """A square ROI `[top, left, size]` in the original image's pixels (`width` x `height`) -> its box
+    (x1, y1, x2, y2) in the image padded to a square, clipped to the image's extent along the padded axis
+    and to the square along the other, as the original clips it. The training crop is cut there."""
     if width > height:
         pad = (width - height) // 2
         x1, y1 = left, top + pad
-        x2, y2 = min(x1 + size, width), min(y1 + size, height + pad)
-    else:
-        pad = (height - width) // 2
-        x1, y1 = left + pad, top
-        x2, y2 = min(x1 + size, width + pad), min(y1 + size, height)
+        return x1, y1, min(x1 + size, width), min(y1 + size, height + pad)
+    pad = (height - width) // 2
+    x1, y1 = left + pad, top
+    return x1, y1, min(x1 + size, width + pad), min(y1 + size, height)
+
+
+def roi_label(top: float, left: float, size: float, width: int, height: int) -> list[float]:
+    """The training label of a square ROI `[top, left, size]` (see `roi_box`): its box as fractions of the
+    padded square's side rounded to 3 decimals (written with ``str(list)``, e.g. ``[0.081, 0.2, 0.92, 0.84]``)."""
     side = max(width, height)
-    return [round(x1 / side, 3), round(y1 / side, 3), round(x2 / side, 3), round(y2 / side, 3)]
+    return [round(v / side, 3) for v in roi_box(top, left, size, width, height)]
 
 
 def cos_conversation(turns: Sequence[Mapping[str, Any]], question_index: int,
@@ -126,3 +129,84 @@ def cos_conversation(turns: Sequence[Mapping[str, Any]], question_index: int,
     if len(out) > 4:
         out[4] = dict(out[4], value=RAW_IMAGE_PREFIX + out[4]["value"])
     return out
+
+
+def cos_records(records: Sequence[Mapping[str, Any]], rois: Mapping[str, Mapping[str, Any]], image_root: str,
+                crop_dir: str, *, seed: int = 0, fill: tuple[int, int, int] = (122, 116, 104),
+                progress: bool = False) -> list[dict]:
+    """LLaVA-format training records -> Chain-of-Spot ones that `jaxvlm train` reads with
+    ``data.images_per_sample=2``: each record with an image gets one QA pair chosen at random (seeded), its
+    conversation rewritten by `cos_conversation`, and two images: the original and its ROI crop, cut from the
+    image padded to a square with `fill` (CLIP's mean colour, as LLaVA pads) and saved as PNG in `crop_dir`.
+
+    rois: the original's ``chain-of-spot.json`` table, keyed ``f"{index:06d}_{id with '/' as '_'}_q{pair}"``
+    with ``{"params": [top, left, size]}`` in original-image pixels; a record whose key is absent gets the
+    whole-image label and the original image as its crop, as the original falls back. Records without an
+    image are kept as they are. Departure: the original draws the pair again every time it loads a record;
+    here one draw per record is written (call again with another seed for more)."""
+    import os
+    import random
+    import sys
+
+    from tqdm import tqdm
+
+    from jaxvlm.data.image_processing import load_image
+    rng = random.Random(seed)
+    os.makedirs(crop_dir, exist_ok=True)
+    out = []
+    for i, rec in enumerate(tqdm(records, desc="chain-of-spot records", unit="rec", disable=not progress,
+                                 file=sys.stderr)):
+        if "image" not in rec:
+            out.append(dict(rec))
+            continue
+        turns = rec["conversations"]
+        pair = rng.randrange(len(turns) // 2)
+        key = f"{str(i).zfill(6)}_{str(rec['id']).replace('/', '_')}_q{pair}"
+        meta = rois.get(key)
+        label, crop_path = None, rec["image"]
+        if meta is not None:
+            image = load_image(os.path.join(image_root, rec["image"]), str(rec["id"]))
+            w, h = image.size
+            label = roi_label(*meta["params"], w, h)
+            crop = expand_to_square(image, fill).crop(roi_box(*meta["params"], w, h))
+            crop_path = os.path.join(os.path.abspath(crop_dir), f"{key}.png")
+            crop.save(crop_path)
+        out.append(dict(rec, image=[rec["image"], crop_path], conversations=cos_conversation(turns, pair, label)))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jaxvlm.methods.chain_of_spot --records llava_v1_5_mix665k.json --rois chain-of-spot.json
+    --image-root IMAGES --crops CROPS --out cos.json``: the training records `cos_records` writes."""
+    import argparse
+    import json
+    import os
+
+    p = argparse.ArgumentParser(prog="python -m jaxvlm.methods.chain_of_spot", description=main.__doc__)
+    p.add_argument("--records", required=True, help="LLaVA-format JSON list")
+    p.add_argument("--rois", required=True, help="the original's chain-of-spot.json ({key: {params: [top, left, size]}})")
+    p.add_argument("--image-root", required=True)
+    p.add_argument("--crops", required=True, help="folder for the crop PNGs")
+    p.add_argument("--out", required=True, help="output JSON (refused if it exists)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    for path, what in ((a.records, "--records"), (a.rois, "--rois")):
+        if not os.path.isfile(path):
+            raise SystemExit(f"{what}: no such file: {path}")
+    if os.path.exists(a.out):
+        raise SystemExit(f"--out {a.out} exists; not overwriting it")
+    with open(a.records) as f:
+        records = json.load(f)
+    with open(a.rois) as f:
+        rois = json.load(f)
+    out = cos_records(records, rois, a.image_root, a.crops, seed=a.seed, progress=True)
+    tmp = a.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f)
+    os.replace(tmp, a.out)             # never a half-written file at --out
+    print(f"wrote {len(out)} records to {a.out} (crops in {a.crops})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
