@@ -16,6 +16,12 @@ def qwen_tokenizer():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("gen_cli_qwen"), qwen_tokenizer())
+
+
+def make_checkpoint(root, tok):
+    """A converted tiny Qwen2.5-VL for `tok` (tokenizer and image-processor files beside it), three images
+    of different grids and their questions."""
     import torch
     import transformers
 
@@ -23,8 +29,6 @@ def checkpoint(tmp_path_factory):
     from jaxvlm.conversion.qwen2_vl import qwen2_vl_from_torch
     from jaxvlm.data.qwen2_vl_processing import make_image_processor
 
-    root = tmp_path_factory.mktemp("gen_cli_qwen")
-    tok = qwen_tokenizer()
     files = root / "hf"
     tok.save_pretrained(files)
     proc = make_image_processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
@@ -110,3 +114,42 @@ def test_cli_encoding_is_the_preprocessors(checkpoint):
         np.testing.assert_array_equal(ids, s["input_ids"])
         np.testing.assert_array_equal(pix, s["pixel_values"])
         np.testing.assert_array_equal(grid, s["image_grid_thw"][0])
+
+
+
+def test_reverse_flag_on_qwen2_5_vl(tmp_path_factory, tmp_path):
+    """--reverse on a Qwen2.5-VL checkpoint (M-RoPE positions rebuilt for every prefix) against the same loop
+    over transformers' greedy generate (threshold 1: nothing is flagged, decoding stays greedy)."""
+    from PIL import Image
+
+    from jaxvlm.cli import main
+    from jaxvlm.data.qwen2_vl_processing import QwenVLPreprocessor
+    from jaxvlm.methods import reverse
+    tok = qwen_tokenizer()
+    tok.add_tokens(list(reverse.TAGS))
+    c = make_checkpoint(tmp_path_factory.mktemp("gen_cli_qwen_tags"), tok)
+    torch, hf = c["torch"], c["hf"]
+    un, pad_img = reverse.tag_ids(tok)[2], tok.convert_tokens_to_ids("<|image_pad|>")
+    out = tmp_path / "rev.jsonl"
+    assert main(["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
+                 "--image-folder", str(c["root"]), "--output", str(out), "--max-new-tokens", str(NEW),
+                 "--batch-size", "2", "--reverse", "--temperature", "0", "--reverse-threshold", "1.0"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    pre = QwenVLPreprocessor(tok, c["proc"])
+    for q, r in zip(c["qs"], rows):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q["text"]}]}]
+        s = pre(msgs, images=[Image.open(c["root"] / q["image"]).convert("RGB")])
+
+        def hf_generate(prefix, temperature):
+            with torch.no_grad():
+                o = hf.generate(input_ids=torch.tensor(prefix[None]), pixel_values=torch.tensor(s["pixel_values"]),
+                                image_grid_thw=torch.tensor(s["image_grid_thw"]),
+                                mm_token_type_ids=torch.tensor((prefix == pad_img).astype(np.int64)[None]),
+                                do_sample=False, max_new_tokens=NEW, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=True)
+            return o.sequences[0, len(prefix):].numpy(), torch.softmax(torch.stack(o.logits, 1)[0], -1)[:, un].numpy()
+
+        want = reverse.reverse_answer(hf_generate, np.asarray(s["input_ids"]), tok, threshold=1.0, temperature=0.0,
+                                      style="qwen")
+        assert (r["answer"], r["reverse_success"], r["reverse_attempts"]) == (want.text, want.success, len(want.history))
+    assert len({r["answer"] for r in rows}) > 1

@@ -86,10 +86,10 @@ def test_render_answer_drops_tags_and_reattaches_punctuation(tok):
     assert reverse.render_answer(ids, tok, tags, cut_current_sentence=True) == "There is a red square, and a circle."
 
 
-# Retrospective resampling against the original loop (reverse_vlm llava/eval/inference_utils.py), run on the
-# same scripted model: reverse_resampling_cases.json holds what the original returned for these scripts
-# (text, history, success, calls, temperatures, prefixes), covering corrections, format errors, the
-# 10-try fall back to the last sentence and the 50-try limit. (A fuzz over 300 such scripts matched too.)
+# Retrospective resampling against the original loops (reverse_vlm's LLaVA and Qwen inference_utils.py), run
+# on the same scripted model: reverse_resampling_cases.json holds what the originals returned for these
+# scripts (text, history, success, calls, temperatures, prefixes), covering corrections, format errors, the
+# 10-try fall back to the last sentence and the 50-try limit. (A fuzz over 300 scripts per style matched too.)
 def scripted(tok, seed):
     S, C, U = reverse.tag_ids(tok)
     words = list(range(10, 60))
@@ -112,11 +112,14 @@ def scripted(tok, seed):
     return script, threshold, prompt
 
 
-def test_retrospective_resampling_follows_the_original(tok):
+@pytest.mark.parametrize("style", ["llava", "qwen"])
+def test_retrospective_resampling_follows_the_original(tok, style):
+    """"llava": llava/eval/inference_utils.py (T0 1.0); "qwen": qwenvl/eval/inference_utils.py (T0 0, its
+    own hint text, the false-premise prompt only when asked)."""
     import hashlib
     import json
     import pathlib
-    cases = json.loads((pathlib.Path(__file__).parent / "reverse_resampling_cases.json").read_text())
+    cases = json.loads((pathlib.Path(__file__).parent / "reverse_resampling_cases.json").read_text())[style]
     assert {c["success"] for c in cases.values()} == {True, False}
     for seed, want in cases.items():
         script, threshold, prompt = scripted(tok, int(seed))
@@ -127,7 +130,9 @@ def test_retrospective_resampling_follows_the_original(tok):
             temps.append(round(float(temperature), 6))
             return script[len(prefixes) - 1]
 
-        res = reverse.retrospective_resample(generate, prompt, tok, threshold=threshold,
+        res = reverse.retrospective_resample(generate, prompt, tok, threshold=threshold, style=style,
+                                             temperature=1.0 if style == "llava" else 0.0,
+                                             open_qa_prompt=want.get("open_qa_prompt", False),
                                              cut_unfinished_sentence=bool(int(seed) % 2))
         assert (res.text, res.success) == (want["text"], want["success"]), seed
         assert [list(h) for h in res.history] == want["history"], seed
@@ -157,7 +162,9 @@ def test_engine_generator_reads_p_un_at_each_generated_token(torch_mods):
     rng = np.random.default_rng(1)
     prompt = np.concatenate([[1], rng.integers(3, IMG, 3), np.full(16, IMG), rng.integers(3, IMG, 10)])
     pix = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
-    gen = reverse.engine_generator(engine, params, pix, Tags(), max_new_tokens=12, seed=5)
+    batch_of = lambda ids: {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int32),   # noqa: E731
+                            "pixel_values": pix}
+    gen = reverse.engine_generator(engine, params, Tags(), batch_of, max_new_tokens=12, seed=5)
     new, p_un = gen(prompt, 1.0)
     again, _ = gen(prompt, 1.0)
     assert len(new) == len(p_un) == 12 and not np.array_equal(new, again)      # sampled, a fresh key each call
@@ -165,5 +172,7 @@ def test_engine_generator_reads_p_un_at_each_generated_token(torch_mods):
     seq = np.concatenate([prompt, new])[None]
     logits = full_logits(model, params, seq, np.ones_like(seq), pix).logits[0, len(prompt) - 1:-1]
     np.testing.assert_allclose(p_un, np.asarray(jax.nn.softmax(jnp.asarray(logits), -1))[:, 7], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="style must be"):
+        reverse.retrospective_resample(gen, prompt, Tags(), style="vicuna")
     with pytest.raises(ValueError, match="track_token_ids"):
-        reverse.engine_generator(Engine(model, batch_size=1, max_len=96), params, pix, Tags(), max_new_tokens=4)
+        reverse.engine_generator(Engine(model, batch_size=1, max_len=96), params, Tags(), batch_of, max_new_tokens=4)

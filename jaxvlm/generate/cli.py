@@ -59,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ue-relative-top", type=float, default=0.1, help="UE's plausibility filter alpha (default 0.1)")
     p.add_argument("--reverse", action="store_true",
                    help="REVERSE's retrospective resampling (jaxvlm.methods.reverse; the tokenizer needs <SPAN>, </CN>, "
-                        "</UN>): one question at a time, at --temperature (REVERSE: 1.0 for LLaVA, 0 for Qwen); "
+                        "</UN>): one question at a time, at --temperature (REVERSE: 1.0 for LLaVA, 0 for Qwen2.5-VL, "
+                        "whose threshold was 0.01); "
                         "answers gain 'reverse_success' and 'reverse_attempts'")
     p.add_argument("--reverse-threshold", type=float, default=0.003,
                    help="P(</UN>) above which a phrase is resampled (REVERSE: 0.003 captions, 0.5 yes/no)")
@@ -186,6 +187,7 @@ class Answerer:
         from jaxvlm.generate import SamplerConfig
 
         self.cfg, self.model, self.params, self.tok, self.proc, family = load_model(ckpt, args.dtype)
+        self.family = family
         self.qwen2 = family == "qwen2_vl"
         self.template = get_template(args.template or DEFAULT_TEMPLATES[family])
         self.system = args.system
@@ -253,8 +255,9 @@ class Answerer:
                                   attention_mask=jnp.asarray(batch["attention_mask"]))
         batch["positions"] = np.asarray(pos)
 
-    def answer(self, items: list[tuple[np.ndarray, Any]], seed: int) -> list[str]:
-        """items: (ids [T], pixels as `encode` returns them | None) -> decoded answers."""
+    def batch_of(self, items: list[tuple[np.ndarray, Any]]) -> dict:
+        """items: (ids [T], pixels as `encode` returns them | None) -> the engine's left-padded batch (Qwen2-VL:
+        with packed patches, grids and M-RoPE positions)."""
         t = max(len(i) for i, _ in items)
         ids = np.stack([np.pad(i, (t - len(i), 0), constant_values=self.sampler.pad_token_id) for i, _ in items])
         mask = np.stack([np.pad(np.ones(len(i), np.int32), (t - len(i), 0)) for i, _ in items])
@@ -264,6 +267,11 @@ class Answerer:
             self._qwen2_vision(batch, items)
         elif pix:    # one image `[3, H, W]` or several `[n, 3, H, W]` per item, in order
             batch["pixel_values"] = np.concatenate([p[None] if p.ndim == 3 else p for p in pix])
+        return batch
+
+    def answer(self, items: list[tuple[np.ndarray, Any]], seed: int) -> list[str]:
+        """items: (ids [T], pixels as `encode` returns them | None) -> decoded answers."""
+        batch = self.batch_of(items)
         out = self.engine.generate(self.params, batch, max_new_tokens=self.args.max_new_tokens,
                                    temperature=self.args.temperature, rng=seed, stop_strings=self.stop_strings,
                                    tokenizer=self.tok)
@@ -390,22 +398,22 @@ def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bo
         raise SystemExit(f"jaxvlm generate: --reverse: {e}") from None
     encoded = [answerer.encode(r.get("text", r.get("prompt")), image_of(r))
                for r in tqdm(records, desc="encode", unit="q", disable=quiet, file=sys.stderr)]
-    if answerer.qwen2:
-        raise SystemExit("jaxvlm generate: --reverse serves LLaVA checkpoints here (Qwen2.5-VL: call "
-                         "jaxvlm.methods.reverse with an engine generator that passes the M-RoPE positions)")
     answerer.hooks = Hooks(track_token_ids=(un,))
-    answerer.build_engine(max(len(i) for i, _ in encoded) + 128 + 2 * a.max_new_tokens)
+    answerer.build_engine(max(len(i) for i, _ in encoded) + 128 + 2 * a.max_new_tokens,
+                          max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
+    style = {"qwen2_vl": "qwen", "llava_llama3": "llama3"}.get(answerer.family, "llava")
 
     def answer_chunk(indices, seed):
         out = []
         for i in indices:
             ids, pix = encoded[i]
-            gen = reverse.engine_generator(answerer.engine, answerer.params, None if pix is None else pix[None],
-                                           answerer.tok, max_new_tokens=a.max_new_tokens, seed=seed * 7919 + i)
+            gen = reverse.engine_generator(answerer.engine, answerer.params, answerer.tok,
+                                           lambda prefix, pix=pix: answerer.batch_of([(prefix, pix)]),
+                                           max_new_tokens=a.max_new_tokens, seed=seed * 7919 + i)
             res = reverse.reverse_answer(gen, ids, answerer.tok, threshold=a.reverse_threshold,
                                          temperature=a.temperature, max_attempts=a.reverse_max_attempts,
                                          local_attempts=a.reverse_local_attempts,
-                                         assistant_tokens=a.reverse_assistant_tokens)
+                                         assistant_tokens=a.reverse_assistant_tokens, style=style)
             out.append({"answer": res.text, "reverse_success": res.success, "reverse_attempts": len(res.history)})
         return out
 

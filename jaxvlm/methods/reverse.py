@@ -168,12 +168,16 @@ def retrospective_resample(generate: Generator, prompt_ids: Sequence[int], token
                            threshold: float = 0.003, temperature: float = 1.0, max_attempts: int = 50,
                            local_attempts: int = 10, temperature_step: float = 0.05, open_qa_prompt: bool = False,
                            cut_unfinished_sentence: bool = False, assistant_tokens: int = 5,
-                           llama3: bool = False) -> Resampled:
+                           style: str = "llava") -> Resampled:
     """REVERSE's decoding for one prompt (`prompt_ids` `[T]`, chat-templated, ending with the assistant
     header of `assistant_tokens` tokens, before which hints go). Defaults are the original's: tau 0.003
     (0.5 for yes/no benchmarks), T0 1.0 (0.0 for Qwen), N 50, K 10, step 0.05 (its flag for 0.1 is never
-    read). `open_qa_prompt` always adds the false-premise prompt; `llama3` pads hints with spaces (LLaVA-MORE);
+    read). `open_qa_prompt` adds the false-premise prompt; `style` is the original's per-model hint text:
+    "llava" (the false-premise prompt always, then the hint, unspaced), "llama3" (LLaVA-MORE: both spaced)
+    or "qwen" (Qwen2.5-VL: the false-premise prompt only with `open_qa_prompt`, each part after a space);
     `cut_unfinished_sentence` applies when all attempts are used (the original's open-ended QA flag)."""
+    if style not in ("llava", "llama3", "qwen"):
+        raise ValueError(f"style must be 'llava', 'llama3' or 'qwen', got {style!r}")
     tags = tag_ids(tokenizer)
     eos = tokenizer.eos_token_id
     prompt = np.asarray(prompt_ids, np.int64)
@@ -186,10 +190,13 @@ def retrospective_resample(generate: Generator, prompt_ids: Sequence[int], token
     def prefix() -> np.ndarray:
         if not phrases and not open_qa_prompt:
             return np.concatenate([prompt, existing])
-        hint = (" " if llama3 else "") + OPEN_QA_PROMPT
+        if style == "qwen":
+            hint = " " + OPEN_QA_PROMPT if open_qa_prompt else " "
+        else:
+            hint = (" " if style == "llama3" else "") + OPEN_QA_PROMPT
         if phrases:
             neg = HINT.format(", ".join(phrases[-5:]))
-            hint += f" {neg} " if llama3 else neg
+            hint += {"llava": neg, "llama3": f" {neg} ", "qwen": f" {neg}"}[style]
         hint_ids = np.asarray(tokenizer.encode(hint), np.int64)[1:]      # the original drops the first id (BOS)
         cut = len(prompt) - assistant_tokens
         return np.concatenate([prompt[:cut], hint_ids, prompt[cut:], existing])
@@ -245,10 +252,12 @@ def reverse_answer(generate: Generator, prompt_ids: Sequence[int], tokenizer: An
     return res
 
 
-def engine_generator(engine, params, pixel_values: np.ndarray | None, tokenizer: Any, *, max_new_tokens: int,
-                     seed: int = 0) -> Generator:
-    """A `Generator` over `jaxvlm.generate.Engine` for one prompt and its image(s): the engine must be built
-    with ``Hooks(track_token_ids=(id of </UN>,))`` and batch_size >= 1; each call samples with a fresh key."""
+def engine_generator(engine, params, tokenizer: Any, batch_of: Callable[[np.ndarray], Mapping[str, Any]], *,
+                     max_new_tokens: int, seed: int = 0) -> Generator:
+    """A `Generator` over `jaxvlm.generate.Engine` for one prompt: `batch_of(prefix_ids)` makes the engine's
+    one-row batch (ids, mask, the image(s); Qwen2-VL also its grids and M-RoPE positions, e.g.
+    `jaxvlm generate`'s ``Answerer.batch_of``). The engine must be built with
+    ``Hooks(track_token_ids=(id of </UN>,))``; each call samples with a fresh key."""
     from jaxvlm.generate import tracked_prob
     un = tag_ids(tokenizer)[2]
     if un not in engine.hooks.track_token_ids:
@@ -256,10 +265,8 @@ def engine_generator(engine, params, pixel_values: np.ndarray | None, tokenizer:
     calls = [0]
 
     def generate(prefix: np.ndarray, temperature: float):
-        batch = {"input_ids": np.asarray(prefix)[None], "attention_mask": np.ones((1, len(prefix)), np.int32)}
-        if pixel_values is not None:
-            batch["pixel_values"] = pixel_values
-        gen = engine.generate(params, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+        gen = engine.generate(params, dict(batch_of(np.asarray(prefix))), max_new_tokens=max_new_tokens,
+                              temperature=temperature,
                               rng=seed * 1_000_003 + calls[0])
         calls[0] += 1
         n = int(gen.lengths[0])
