@@ -20,8 +20,10 @@ def _plt():
 
 
 def save_attention_overlay(image: np.ndarray, attn: np.ndarray, grid: tuple[int, int], path: str,
-                           title: str = "attention to image patches") -> str:
-    """image `[H, W, 3]` uint8; attn: `[gh*gw]` weights over the image patches (row-major)."""
+                           title: str = "attention to image patches",
+                           box: Sequence[float] | None = None) -> str:
+    """image `[H, W, 3]` uint8; attn: `[gh*gw]` weights over the image patches (row-major); box: an
+    optional (x1, y1, x2, y2) in image pixels drawn on the overlay (e.g. JUDGER's crop)."""
     plt = _plt()
     gh, gw = grid
     a = np.asarray(attn, np.float64).reshape(gh, gw)
@@ -31,6 +33,9 @@ def save_attention_overlay(image: np.ndarray, attn: np.ndarray, grid: tuple[int,
     axes[0].set_title("image")
     axes[1].imshow(image)
     axes[1].imshow(a, cmap="jet", alpha=0.5, extent=(0, image.shape[1], image.shape[0], 0), interpolation="bilinear")
+    if box is not None:
+        x1, y1, x2, y2 = box
+        axes[1].add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", linewidth=2))
     axes[1].set_title(title)
     for ax in axes:
         ax.axis("off")

@@ -262,7 +262,11 @@ def test_judger_flag_matches_transformers_eager_attention_and_generate(checkpoin
     out = tmp_path / "judger.jsonl"
     assert main(["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
                  "--image-folder", str(c["root"]), "--max-new-tokens", str(NEW), "--batch-size", "2", "--judger",
-                 "--judger-layer", str(layer), "--template", "llava_v1", "--output", str(out)]) == 0
+                 "--judger-layer", str(layer), "--template", "llava_v1", "--output", str(out),
+                 "--judger-png", str(tmp_path / "maps")]) == 0
+    pngs = sorted((tmp_path / "maps").iterdir())
+    assert [p.name for p in pngs] == ["7.png", "8.png", "9.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     pad_proc = LlavaImageProcessor.for_llava(cfg)
     crop_proc = LlavaImageProcessor.for_llava(cfg, aspect="crop")

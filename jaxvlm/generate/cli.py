@@ -74,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "crop (the original uses --template llava_v1); answers gain 'crop_box'")
     p.add_argument("--judger-layer", type=int, default=14,
                    help="LM layer whose attention is read (JUDGER: 14, of Vicuna-7B's 32)")
+    p.add_argument("--judger-png", default=None, metavar="DIR",
+                   help="also write DIR/<question id>.png: the relative attention over the image and the crop box")
     p.add_argument("--chain-of-spot", action="store_true",
                    help="Chain-of-Spot (LLaVA): ask for the question's region of interest, crop it, answer with the "
                         "image and the crop (jaxvlm.methods.chain_of_spot); answers gain 'roi' and 'roi_cropped'")
@@ -461,6 +463,12 @@ def judger_answers(answerer: Answerer, records: list[dict], image_of, quiet: boo
                                           judger.raw_prompt_ids(tok, q, cfg.image_token_id, n_img), general, pix,
                                           layer=answerer.args.judger_layer)
         box = judger.crop_box(a_rel, image.size, cfg.vision.image_size)
+        if answerer.args.judger_png:
+            from jaxvlm.viz import save_attention_overlay
+            name = str(rec.get("question_id", rec.get("id", len(boxes)))).replace("/", "_")
+            save_attention_overlay(np.asarray(image), a_rel.reshape(-1), a_rel.shape,
+                                   os.path.join(answerer.args.judger_png, f"{name}.png"),
+                                   title="question / general-description attention", box=box)
         crop = image.crop(box)
         ids, _ = answerer.encode_messages(judger.answer_messages(q), [image, crop])
         encoded.append((ids, np.stack([pix[0], crop_proc(crop).pixel_values])))
