@@ -117,6 +117,8 @@ def test_training_records_with_crops_feed_the_pipeline(tmp_path):
     assert out[1] == records[1]
     assert out[2]["image"] == ["im.png", "im.png"] and out[2]["conversations"][1]["value"] == "[0.0, 0.0, 1.0, 1.0]"
     assert records[0]["image"] == "im.png"                               # the input is not modified
+    with pytest.raises(ValueError, match=r"record 0 \('e'\) has no question-answer pair"):
+        cos.cos_records([{"id": "e", "image": "im.png", "conversations": []}], {}, str(tmp_path), str(tmp_path / "c"))
 
     tok = build_tokenizer()
     proc = LlavaImageProcessor(image_size=32, tokens_per_image=4)

@@ -51,18 +51,8 @@ def make_checkpoint(root, tok):
 
 
 def hf_answer(c, q):
-    from jaxvlm.data.chat_templates import encode_prompt
-    from jaxvlm.data.image_processing import LlavaImageProcessor, load_image
-    img = LlavaImageProcessor.for_llava(c["cfg"])(load_image(c["root"] / q["image"]))
-    ids = encode_prompt("vicuna_v1", [{"role": "user", "content": "<image>\n" + q["text"]}], c["tok"],
-                        image_token_id=c["cfg"].image_token_id, image_token_counts=[img.num_tokens])
-    torch = c["torch"]
-    with torch.no_grad():
-        out = c["hf"].generate(input_ids=torch.tensor(ids[None].astype(np.int64)),
-                               pixel_values=torch.tensor(img.pixel_values[None]), do_sample=False,
-                               max_new_tokens=NEW, eos_token_id=c["tok"].eos_token_id,
-                               pad_token_id=c["tok"].pad_token_id)
-    return c["tok"].decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    from jaxvlm.data.image_processing import load_image
+    return hf_greedy(c, [{"role": "user", "content": "<image>\n" + q["text"]}], [load_image(c["root"] / q["image"])])
 
 
 def test_batch_mode_writes_answers_jsonl(checkpoint, capsys):

@@ -88,8 +88,13 @@ def test_relative_attention_matches_transformers_eager(torch_mods):
         maps.append(a.astype(np.float64).mean(0).reshape(4, 4))
     ref = maps[0] / maps[1]
     assert ours.shape == (4, 4)
-    np.testing.assert_allclose(ours, ref, rtol=2e-5)
+    np.testing.assert_allclose(ours, ref, rtol=2e-5)            # a ratio of two maps, each within ~1e-5
     assert not np.allclose(ref, 1.0, rtol=1e-2)                 # the two prompts look at the image differently
     assert judger.crop_box(ours, (1000, 900), bbox_size=100) == judger.crop_box(ref, (1000, 900), bbox_size=100)
-    with pytest.raises(ValueError, match="not a square grid"):
+    with pytest.raises(ValueError, match="11 and 16 image tokens; both need the same square grid"):
         judger.relative_attention(model, params, q_ids[:12], g_ids, pix, layer=layer)
+    # Prompts of other lengths in the same 32-token bucket reuse the compiled forward.
+    fn = judger._last_token_attention(model, layer)
+    before = fn._cache_size()
+    judger.relative_attention(model, params, prompt(9), prompt(3), pix, layer=layer)
+    assert fn._cache_size() == before

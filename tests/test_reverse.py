@@ -151,7 +151,7 @@ def test_engine_generator_reads_p_un_at_each_generated_token(torch_mods):
     from test_llava_parity import IMG, tiny_llava_hf
 
     class Tags:        # a stand-in tokenizer: the model's ids 5, 9, 7 play <SPAN>, </CN>, </UN>
-        unk_token_id = None
+        unk_token_id, eos_token_id = None, 2
 
         def convert_tokens_to_ids(self, t):
             return {"<SPAN>": 5, "</CN>": 9, "</UN>": 7}[t]
@@ -172,6 +172,8 @@ def test_engine_generator_reads_p_un_at_each_generated_token(torch_mods):
     seq = np.concatenate([prompt, new])[None]
     logits = full_logits(model, params, seq, np.ones_like(seq), pix).logits[0, len(prompt) - 1:-1]
     np.testing.assert_allclose(p_un, np.asarray(jax.nn.softmax(jnp.asarray(logits), -1))[:, 7], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="the prompt has 4 tokens, not more than the 5"):
+        reverse.retrospective_resample(gen, prompt[:4], Tags())
     with pytest.raises(ValueError, match="style must be"):
         reverse.retrospective_resample(gen, prompt, Tags(), style="vicuna")
     with pytest.raises(ValueError, match="track_token_ids"):

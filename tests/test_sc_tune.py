@@ -56,7 +56,9 @@ def torch_advantages_and_loss(kl, mask, rew, rew_base, lp_new, lp_old, coef=0.01
     loss = torch.max(l1, l2).sum() / mask.sum()
     if ratio.sum() / mask.sum() > 10.0:
         loss = loss * 0.0
-    return adv.numpy(), float(loss)
+    kl = ((torch.tensor(lp_old) - torch.tensor(lp_new)) * mask).sum() / mask.sum()
+    clip_frac = torch.gt(l1, l2).double().sum() / mask.sum()
+    return adv.numpy(), float(loss), float(kl), float(clip_frac)
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
@@ -71,14 +73,15 @@ def test_advantages_and_ppo_loss_match_the_original(gamma):
     rew, base = rng.random(b), rng.random(b)
     lp_old = -rng.random((b, t)) * 3
     lp_new = lp_old + rng.normal(0, 0.3, (b, t))
-    want_adv, want_loss = torch_advantages_and_loss(kl, mask, rew, base, lp_new, lp_old, gamma=gamma)
+    want_adv, want_loss, want_kl, want_clip = torch_advantages_and_loss(kl, mask, rew, base, lp_new, lp_old, gamma=gamma)
     adv = sc.caption_advantages(jnp.asarray(kl, jnp.float32), jnp.asarray(mask), jnp.asarray(rew, jnp.float32),
                                 jnp.asarray(base, jnp.float32), gamma=gamma)
     np.testing.assert_allclose(np.asarray(adv), want_adv, rtol=1e-5, atol=1e-6)
     loss, stats = sc.ppo_loss(jnp.asarray(lp_new, jnp.float32), jnp.asarray(lp_old, jnp.float32), adv,
                               jnp.asarray(mask))
     assert float(loss) == pytest.approx(want_loss, rel=1e-5, abs=1e-7)
-    assert 0.0 < float(stats["clip_frac"]) < 1.0
+    assert float(stats["policy_kl"]) == pytest.approx(want_kl, rel=1e-5)
+    assert float(stats["clip_frac"]) == pytest.approx(want_clip) and 0.0 < want_clip < 1.0
     # a differentiable objective: the gradient reaches only the unmasked tokens
     g = jax.grad(lambda lp: sc.ppo_loss(lp, jnp.asarray(lp_old, jnp.float32), adv, jnp.asarray(mask))[0])(
         jnp.asarray(lp_new, jnp.float32))

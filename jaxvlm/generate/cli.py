@@ -122,6 +122,11 @@ def load_model(ckpt: str, dtype: str | None = None):
                               f"{type(cfg).__name__} (decode it with jaxvlm.generate.Engine)")
 
 
+def question_of(rec: dict) -> str:
+    """A question record's text (`text`, else `prompt`; `read_questions` checks that one is there)."""
+    return rec.get("text", rec.get("prompt"))
+
+
 def read_questions(path: str) -> list[dict]:
     """Question records; a missing file, a malformed line or a record without text names the line."""
     from jaxvlm.eval.io import read_jsonl
@@ -207,14 +212,14 @@ class Answerer:
         self.args = args
         self.engine = None
 
-    def build_engine(self, longest_prompt: int, max_patches: int = 0) -> None:
+    def build_engine(self, longest_prompt: int, max_patches: int = 0, batch_size: int | None = None) -> None:
         """One engine (one compile) for all batches: the cache fits the longest prompt + answer
         (Qwen2-VL: and each batch's patches are padded for `max_patches` per image)."""
         from jaxvlm.generate import Engine
         a = self.args
         self.max_patches = max_patches
         max_len = a.max_len or -(-(longest_prompt + a.max_new_tokens) // 128) * 128
-        self.engine = Engine(self.model, batch_size=a.batch_size, max_len=max_len, sampler=self.sampler,
+        self.engine = Engine(self.model, batch_size=batch_size or a.batch_size, max_len=max_len, sampler=self.sampler,
                              **({} if self.hooks is None else {"hooks": self.hooks}))
 
     def encode(self, prompt: str, image_path: str | None) -> tuple[np.ndarray, Any]:
@@ -224,12 +229,15 @@ class Answerer:
         return encode_request(self.cfg, self.tok, self.proc, self.template, prompt, image, self.system)
 
     def encode_messages(self, messages: list[dict], images: list) -> tuple[np.ndarray, np.ndarray | None]:
-        """A whole conversation with its PIL images in order (LLaVA) -> (ids `[T]`, pixels `[n, 3, H, W]`)."""
+        """A whole conversation with its images in order (LLaVA) -> (ids `[T]`, pixels `[n, 3, H, W]`). An
+        image is a PIL image (this checkpoint's processor pads it to a square) or an already processed
+        `ProcessedImage` (e.g. a crop processed without padding)."""
         from jaxvlm.data.chat_templates import encode_prompt
+        from jaxvlm.data.image_processing import ProcessedImage
         if self.qwen2:
             raise NotImplementedError("multi-image conversations are served for LLaVA checkpoints only")
         msgs = ([] if self.system is None else [{"role": "system", "content": self.system}]) + list(messages)
-        procs = [self.proc(im) for im in images]
+        procs = [im if isinstance(im, ProcessedImage) else self.proc(im) for im in images]
         ids = encode_prompt(self.template, msgs, self.tok, image_token_id=self.cfg.image_token_id,
                             image_token_counts=[p.num_tokens for p in procs])
         return ids, (np.stack([p.pixel_values for p in procs]) if procs else None)
@@ -318,7 +326,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.reverse:
         answer_chunk = reverse_answers(answerer, records, image_of, single)
     else:
-        encoded = [answerer.encode(r.get("text", r.get("prompt")), image_of(r))
+        encoded = [answerer.encode(question_of(r), image_of(r))
                    for r in tqdm(records, desc="encode", unit="q", disable=single, file=sys.stderr)]
         answerer.build_engine(max(len(i) for i, _ in encoded),
                               max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
@@ -339,7 +347,7 @@ def main(args: argparse.Namespace) -> int:
                 row = {k: v for k, v in rec.items() if k not in ("text", "prompt")}
                 key = "question_id" if "question_id" in rec else "id"
                 row[key] = rec.get(key, n_done)
-                row.update(prompt=rec.get("text", rec.get("prompt")), **got, model_id=model_id)
+                row.update(prompt=question_of(rec), **got, model_id=model_id)
                 line = json.dumps(row)
                 if out_f:
                     out_f.write(line + "\n")
@@ -365,7 +373,7 @@ def chain_of_spot_answers(answerer: Answerer, records: list[dict], image_of, qui
     if answerer.qwen2:
         raise SystemExit("jaxvlm generate: --chain-of-spot is a LLaVA-1.5 method; this is a Qwen2-VL checkpoint")
     images = _images_of(records, image_of, "--chain-of-spot")
-    questions = [rec.get("text", rec.get("prompt")) for rec in records]
+    questions = [question_of(rec) for rec in records]
     turn1 = [answerer.encode_messages(cos.roi_messages(q), [im])
              for q, im in tqdm(list(zip(questions, images)), desc="encode", unit="q", disable=quiet, file=sys.stderr)]
     answerer.build_engine(2 * max(len(i) for i, _ in turn1) + answerer.args.max_new_tokens)
@@ -398,11 +406,12 @@ def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bo
         un = reverse.tag_ids(answerer.tok)[2]
     except ValueError as e:
         raise SystemExit(f"jaxvlm generate: --reverse: {e}") from None
-    encoded = [answerer.encode(r.get("text", r.get("prompt")), image_of(r))
+    encoded = [answerer.encode(question_of(r), image_of(r))
                for r in tqdm(records, desc="encode", unit="q", disable=quiet, file=sys.stderr)]
     answerer.hooks = Hooks(track_token_ids=(un,))
+    # One question at a time (each attempt depends on the last), so the engine is compiled for one row.
     answerer.build_engine(max(len(i) for i, _ in encoded) + 128 + 2 * a.max_new_tokens,
-                          max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
+                          max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]), batch_size=1)
     style = {"qwen2_vl": "qwen", "llava_llama3": "llama3"}.get(answerer.family, "llava")
 
     def answer_chunk(indices, seed):
@@ -455,8 +464,9 @@ def judger_answers(answerer: Answerer, records: list[dict], image_of, quiet: boo
     general = None
     encoded, boxes = [], []
     for rec, image in tqdm(list(zip(records, images)), desc="attention", unit="q", disable=quiet, file=sys.stderr):
-        q = rec.get("text", rec.get("prompt"))
-        pix = answerer.proc(image).pixel_values[None]
+        q = question_of(rec)
+        full = answerer.proc(image)
+        pix = full.pixel_values[None]
         if general is None:
             general = judger.raw_prompt_ids(tok, judger.GENERAL_PROMPT, cfg.image_token_id, n_img)
         a_rel = judger.relative_attention(answerer.model, answerer.params,
@@ -470,8 +480,7 @@ def judger_answers(answerer: Answerer, records: list[dict], image_of, quiet: boo
                                    os.path.join(answerer.args.judger_png, f"{name}.png"),
                                    title="question / general-description attention", box=box)
         crop = image.crop(box)
-        ids, _ = answerer.encode_messages(judger.answer_messages(q), [image, crop])
-        encoded.append((ids, np.stack([pix[0], crop_proc(crop).pixel_values])))
+        encoded.append(answerer.encode_messages(judger.answer_messages(q), [full, crop_proc(crop)]))
         boxes.append([float(v) for v in box])
     answerer.build_engine(max(len(i) for i, _ in encoded))
 

@@ -160,6 +160,8 @@ def cos_records(records: Sequence[Mapping[str, Any]], rois: Mapping[str, Mapping
             out.append(dict(rec))
             continue
         turns = rec["conversations"]
+        if len(turns) < 2:
+            raise ValueError(f"record {i} ({rec.get('id')!r}) has no question-answer pair to rewrite")
         pair = rng.randrange(len(turns) // 2)
         key = f"{str(i).zfill(6)}_{str(rec['id']).replace('/', '_')}_q{pair}"
         meta = rois.get(key)

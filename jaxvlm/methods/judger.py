@@ -18,6 +18,8 @@ on the unpadded image, as in the original; for non-square images that offsets th
 fidelity). The judgment-enhanced training has no released code, so it is not here.
 
 Example:
+    >>> q_ids = raw_prompt_ids(tok, question, cfg.image_token_id, 576)
+    >>> g_ids = raw_prompt_ids(tok, GENERAL_PROMPT, cfg.image_token_id, 576)
     >>> a_rel = relative_attention(model, params, q_ids, g_ids, pixels, layer=14)    # [24, 24]
     >>> box = crop_box(np.asarray(a_rel), image.size, 336)
     >>> crop = image.crop(box)
@@ -38,18 +40,13 @@ RATIOS = (1, 1.2, 1.4, 1.6, 1.8, 2)
 
 @functools.lru_cache(maxsize=8)
 def _last_token_attention(model, layer: int):
-    """Jitted `[H, T]` attention of the last token at `layer` (one compile per model, layer and length)."""
-    def fn(params, input_ids, pixel_values):
-        out = model.apply({"params": params}, input_ids, pixel_values, attn_layers=(layer,), logits="none")
-        return out.attentions[0][0, :, -1]
+    """Jitted `[B, H, T]` attention of each row's last token at `layer`, for left-padded rows (one compile
+    per model, layer and padded length)."""
+    def fn(params, input_ids, attention_mask, positions, pixel_values):
+        out = model.apply({"params": params}, input_ids, pixel_values, attention_mask=attention_mask,
+                          positions=positions, attn_layers=(layer,), logits="none")
+        return out.attentions[0][:, :, -1]
     return jax.jit(fn)
-
-
-def image_attention(model, params, input_ids, pixel_values, layer: int, image_token_id: int):
-    """`[H, P]` attention of the last token of `input_ids` (`[1, T]`, one image) to the image tokens at
-    LM layer `layer` (0-based, as transformers' ``attentions[layer]``)."""
-    probs = _last_token_attention(model, layer)(params, input_ids, pixel_values)         # [H, T]
-    return probs[:, np.asarray(input_ids)[0] == image_token_id]
 
 
 def raw_prompt_ids(tokenizer, text: str, image_token_id: int, num_image_tokens: int) -> np.ndarray:
@@ -62,20 +59,32 @@ def raw_prompt_ids(tokenizer, text: str, image_token_id: int, num_image_tokens: 
 
 
 def relative_attention(model, params, question_ids: np.ndarray, general_ids: np.ndarray, pixel_values: np.ndarray,
-                       layer: int = ATTENTION_LAYER, image_token_id: int | None = None) -> np.ndarray:
-    """`[g, g]` question attention over general-description attention (no epsilon, as the original), each
-    the head-mean of `image_attention`, on a g x g grid of image tokens. ids: `[T]` raw prompts (BOS, the
-    image tokens, "\\n", the text); pixel_values: `[1, 3, H, W]` (the same image for both)."""
+                       layer: int = ATTENTION_LAYER, image_token_id: int | None = None, bucket: int = 32) -> np.ndarray:
+    """`[g, g]` question attention over general-description attention (no epsilon, as the original): the
+    last token's attention to the g x g image tokens at LM `layer` (0-based, as transformers'
+    ``attentions[layer]``), averaged over heads. ids: `[T]` raw prompts (BOS, the image tokens, "\n", the
+    text; `raw_prompt_ids`); pixel_values: `[1, 3, H, W]`, the image both prompts see.
+
+    Both prompts run as one batch of 2, left-padded to a multiple of `bucket` tokens (the padding is masked
+    and positions start at each prompt's first token), so questions of similar length share one compile."""
     image_token_id = model.cfg.image_token_id if image_token_id is None else image_token_id
-    maps = []
-    for ids in (question_ids, general_ids):
-        ids = np.asarray(ids)[None]
-        n = int((ids == image_token_id).sum())
-        side = int(round(n ** 0.5))
-        if side * side != n:
-            raise ValueError(f"the prompt has {n} image tokens, not a square grid")
-        a = image_attention(model, params, jnp.asarray(ids), jnp.asarray(pixel_values), layer, image_token_id)
-        maps.append(np.asarray(a, np.float64).mean(0).reshape(side, side))
+    rows = [np.asarray(question_ids, np.int64), np.asarray(general_ids, np.int64)]
+    n = int((rows[0] == image_token_id).sum())
+    side = int(round(n ** 0.5))
+    if side * side != n or int((rows[1] == image_token_id).sum()) != n:
+        raise ValueError(f"the prompts have {n} and {int((rows[1] == image_token_id).sum())} image tokens; "
+                         f"both need the same square grid")
+    t = -(-max(len(r) for r in rows) // bucket) * bucket
+    pad = 0 if image_token_id != 0 else 1          # any id but the image's: the padding is masked out
+    ids = np.full((2, t), pad, np.int64)
+    mask = np.zeros((2, t), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    positions = np.where(mask > 0, np.cumsum(mask, -1) - 1, 0)
+    probs = _last_token_attention(model, layer)(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions),
+                                                jnp.asarray(np.repeat(pixel_values, 2, axis=0)))
+    probs = np.asarray(probs, np.float64)                                   # [2, H, T]
+    maps = [probs[i][:, ids[i] == image_token_id].mean(0).reshape(side, side) for i in range(2)]
     return maps[0] / maps[1]
 
 

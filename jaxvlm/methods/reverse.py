@@ -125,10 +125,14 @@ def _without_tags_text(text: str) -> str:
     return text.strip()
 
 
+def _closers(ids: np.ndarray, tags: Sequence[int]) -> np.ndarray:
+    """Positions of </CN> and </UN> in `ids`, in order."""
+    return np.flatnonzero((ids == tags[1]) | (ids == tags[2]))
+
+
 def _tags_pair_up(ids: np.ndarray, tags: Sequence[int]) -> bool:
-    """As many closers as <SPAN>s, and each <SPAN> before its (sorted) closer."""
-    opens = np.flatnonzero(ids == tags[0])
-    closes = np.sort(np.flatnonzero((ids == tags[1]) | (ids == tags[2])))
+    """As many closers as <SPAN>s, and each <SPAN> before its closer."""
+    opens, closes = np.flatnonzero(ids == tags[0]), _closers(ids, tags)
     return len(opens) == len(closes) and bool(np.all(opens <= closes))
 
 
@@ -137,7 +141,7 @@ def _check(existing: np.ndarray, new: np.ndarray, p_un: np.ndarray, tokenizer, t
     """One attempt's verdict: (text, raw text, new ids, flagged phrase | None, backtrack index, latest
     index). While correcting, only the first span of `new` counts (the rest is cut, EOS appended)."""
     if correcting:
-        closes = np.sort(np.flatnonzero((new == tags[1]) | (new == tags[2])))
+        closes = _closers(new, tags)
         if len(closes):
             c = int(closes[0])
             new = np.concatenate([new[:c + 1], [eos_id]])
@@ -150,9 +154,8 @@ def _check(existing: np.ndarray, new: np.ndarray, p_un: np.ndarray, tokenizer, t
         return plain, plain, new, None, -1, latest
     readable = render_answer(out, tokenizer, tags)
     if not _tags_pair_up(out, tags):
-        return raw, readable, new, "Format Error", 0, latest
-    opens = np.flatnonzero(new == tags[0])
-    closes = np.sort(np.flatnonzero((new == tags[1]) | (new == tags[2])))
+        return raw, readable, new, "Format Error", 0, latest     # (raw, readable): the original's order here
+    opens, closes = np.flatnonzero(new == tags[0]), _closers(new, tags)
     phrase, back = None, -1
     for k, (o, c) in enumerate(zip(opens, closes)):
         if p_un[c] > threshold and back == -1:
@@ -181,6 +184,9 @@ def retrospective_resample(generate: Generator, prompt_ids: Sequence[int], token
     tags = tag_ids(tokenizer)
     eos = tokenizer.eos_token_id
     prompt = np.asarray(prompt_ids, np.int64)
+    if len(prompt) <= assistant_tokens:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, not more than the {assistant_tokens} assistant-header "
+                         f"tokens the hints go before")
     existing = np.zeros((0,), np.int64)
     history: list[tuple[str, str | None]] = []
     phrases: list[str] = []
