@@ -57,6 +57,7 @@ SUBCOMMANDS = {
     "train": ("jaxvlm.train.cli", "Train from a Python config with --set overrides."),
     "eval": ("jaxvlm.eval.cli", "Score a predictions JSONL (CHAIR, POPE, METEOR, REC, VQA, ...)."),
     "convert": ("jaxvlm.conversion.cli", "Convert Hugging Face checkpoints to jaxvlm and back."),
+    "sc-tune": ("jaxvlm.methods.sc_tune_cli", "SC-Tune: describer PPO / locator SFT phases on Qwen-VL-Chat."),
 }
 
 

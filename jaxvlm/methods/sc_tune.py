@@ -14,8 +14,8 @@ phases. This module holds the pieces as the original code has them (ivattyue/SC-
   mean over unmasked tokens, zeroed when the mean ratio exceeds 10);
 - the locator's SFT targets: `locator_labels`.
 
-The phase loop itself (200 describer steps, 100 locator steps, a fresh snapshot and optimizer state at
-each switch, 2400 steps) is not here yet.
+The phase loop (200 describer steps, 100 locator steps, a fresh snapshot and optimizer state at each
+switch, 2400 steps) is `jaxvlm.methods.sc_tune_loop` (`jaxvlm sc-tune`).
 
 Example:
     >>> prompt = describer_prompt([0.1, 0.2, 0.5, 0.6])    # '...<ref>This</ref><box>(99,199),(499,599)</box> is'

@@ -50,8 +50,13 @@ class StepShardings:
 def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
     """Shifted cross-entropy: position t predicts `labels[t+1]`; positions with label -100 are
     ignored; averaged over supervised tokens. logits `[B, T, V]`, labels `[B, T]`."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    target = labels[:, 1:]
+    return token_loss(logits[:, :-1], labels[:, 1:])
+
+
+def token_loss(logits: jax.Array, target: jax.Array) -> tuple[jax.Array, dict]:
+    """Cross-entropy of `logits [B, T, V]` against `target [B, T]` at the same positions (-100 ignored),
+    averaged over supervised tokens."""
+    logits = logits.astype(jnp.float32)
     mask = target != IGNORE
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, target, 0))
     n = jnp.sum(mask)
