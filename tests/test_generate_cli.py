@@ -134,7 +134,8 @@ def test_ue_flags_decode_with_the_layer_contrast(checkpoint, tmp_path):
     for flags, msg in ((["--ue-prior", "0.5,0.5"], "needs --ue-layers"),
                        (["--ue-layers", "0,1", "--temperature", "0.7"], "greedily"),
                        (["--ue-layers", "0,x"], "comma-separated numbers"),
-                       (["--ue-layers", "0,1", "--ue-prior", "1"], "1 weights for 2")):
+                       (["--ue-layers", "0,1", "--ue-prior", "1"], "1 weights for 2"),
+                       (["--ue-layers", "0,9"], "--ue-layers 9 is outside this checkpoint's hidden states")):
         with pytest.raises(SystemExit, match=msg):
             main([*base, "--output", str(tmp_path / "bad.jsonl"), *flags])
 

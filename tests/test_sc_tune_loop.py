@@ -187,7 +187,8 @@ def test_locator_step_trains_the_ground_truth_box_of_the_snapshots_caption(world
 
 
 def test_phases_alternate_with_a_fresh_snapshot_and_optimizer(world, tuner, tmp_path):
-    tuner = tuner(caption_steps=1, bbox_steps=1, max_steps=2)
+    fresh = tuner
+    tuner = fresh(caption_steps=1, bbox_steps=1, max_steps=2)
     exported = []
     summary = tuner.train(world["records"], world["root"], out_dir=tmp_path, save_every=2, progress=False,
                           export=lambda params, step: exported.append(step))
@@ -200,6 +201,20 @@ def test_phases_alternate_with_a_fresh_snapshot_and_optimizer(world, tuner, tmp_
     assert p.keys() == s.keys() and all(np.array_equal(p[k], s[k]) for k in p)
     moments = [x for x in jax.tree.leaves(tuner.state.opt_state) if np.ndim(x) > 0]
     assert moments and all(not np.any(np.asarray(x)) for x in moments)
+
+    # stopped after step 1 (a phase start) and resumed: the same run, bit for bit
+    tuner = fresh(caption_steps=1, bbox_steps=1, max_steps=0)
+    saved = []
+    tuner.train(world["records"], world["root"], progress=False, export=lambda params, step: saved.append(params))
+    tuner.cfg = L.SCTuneConfig(**{**BASE, "caption_steps": 1, "bbox_steps": 1, "max_steps": 2})
+    tuner.resume(saved[-1], 1)
+    assert tuner.phase == "bbox"
+    tuner.train(world["records"], world["root"], progress=False)
+    resumed = flat(tuner.state.params)
+    assert all(np.array_equal(resumed[k], p[k]) for k in p)
+    tuner.cfg = L.SCTuneConfig(**{**BASE, "caption_steps": 2, "bbox_steps": 1})
+    with pytest.raises(ValueError, match="step 1 is inside a phase; resume from a phase start: a multiple of 3"):
+        tuner.resume(saved[-1], 1)
 
 
 def test_sharded_loop_equals_one_device(world, tuner, monkeypatch):
@@ -270,7 +285,7 @@ def test_cli_tunes_a_converted_checkpoint(world, shared_dir, tmp_path, capsys):
 
     def run(*extra):
         argv = ["--checkpoint", str(ckpt), "--data", str(data), "--image-root", str(world["root"]),
-                "--out", str(tmp_path / "out"), "--batch-size", "8", "--max-steps", "0", "--caption-lr", "1e-2", "--caption-new-tokens", "6", "--box-new-tokens", "6",
+                "--out", str(tmp_path / "out"), "--batch-size", "8", "--max-steps", "0", "--caption-lr", "1e-2", "--caption-new-tokens", "6", "--box-new-tokens", "6", "--dtype", "float32",
                 "--no-progress", *extra]
         return sc_tune_cli.main(parser.parse_args(argv))
 
@@ -279,7 +294,9 @@ def test_cli_tunes_a_converted_checkpoint(world, shared_dir, tmp_path, capsys):
     assert [x["phase"] for x in lines] == ["caption"]        # max_steps 0: one batch
     cfg, tuned = conv.load_original(tmp_path / "out" / "step_1", show_progress=False)
     assert cfg == world["model"].cfg
+    assert {x.dtype for x in jax.tree.leaves(tuned)} == {np.dtype(np.float32)}   # the source's dtype
     assert (tmp_path / "out" / "step_1" / "qwen.tiktoken").is_file()
+    assert (tmp_path / "out" / "step_1" / "config.json").read_text() == (ckpt / "config.json").read_text()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.jsonl", "step_1"]
     a, b = flat(tuned), flat(world["params"])
     # no reward, so this step's update is AdamW's weight decay: the LM moves, the frozen ViT does not
@@ -290,5 +307,7 @@ def test_cli_tunes_a_converted_checkpoint(world, shared_dir, tmp_path, capsys):
     before = (tmp_path / "out" / "metrics.jsonl").read_bytes()
     assert run() == 2 and "already holds an SC-Tune run" in capsys.readouterr().err
     assert (tmp_path / "out" / "metrics.jsonl").read_bytes() == before
+    assert run("--resume", str(tmp_path / "out" / "step_9")) == 2
+    assert "expected a step_N folder" in capsys.readouterr().err
     data.write_text("[]")
     assert run("--out", str(tmp_path / "out2")) == 2 and "non-empty list" in capsys.readouterr().err

@@ -209,6 +209,11 @@ class Answerer:
                                      repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
                                      eos_token_ids=tuple(sorted(eos)), pad_token_id=pad)
         self.hooks = ue_hooks_from_args(args)
+        n_layers = getattr(self.cfg, "text", self.cfg).num_layers
+        for i in () if self.hooks is None else self.hooks.lens_layers:
+            if not 0 <= i <= n_layers:
+                raise SystemExit(f"jaxvlm generate: --ue-layers {i} is outside this checkpoint's hidden states "
+                                 f"0..{n_layers} (0 = embeddings, i = output of layer i)")
         self.args = args
         self.engine = None
 

@@ -16,8 +16,11 @@ import argparse
 import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
+
+import numpy as np
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -42,7 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-vit", action="store_true", help="train the whole ViT (default: only its resampler)")
     parser.add_argument("--mask-left-pads", action="store_true",
                         help="mask the prompts' left padding in the teacher-forced log-probs (the original attends to it)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="compute dtype (weights and AdamW state are kept in float32, as the original's bf16 "
+                             "mixed precision; step_N folders are written in the checkpoint's own dtype)")
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1: the rest of the devices)")
+    parser.add_argument("--resume", metavar="OUT/step_N", help="continue the run in --out from its step_N folder "
+                        "(a phase start, e.g. a multiple of --save-every's default 300)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
 
@@ -57,6 +65,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
 
+def _checkpoint_dtype(ckpt: pathlib.Path):
+    """The dtype of the source folder's weights (`torch_dtype` in its config.json), to write them back in."""
+    import json
+
+    import ml_dtypes
+    name = json.loads((ckpt / "config.json").read_text()).get("torch_dtype", "float32")
+    return {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(name, np.float32)
+
+
 def _run(args: argparse.Namespace) -> int:
     import jax
 
@@ -69,8 +86,20 @@ def _run(args: argparse.Namespace) -> int:
     if jax.process_count() > 1:
         raise ValueError("jaxvlm sc-tune runs in one process (one host's devices); multi-host feeding is not wired")
     out = pathlib.Path(args.out)
-    if (out / "metrics.jsonl").exists() or any(out.glob("step_*")):
-        raise ValueError(f"{out} already holds an SC-Tune run (metrics.jsonl / step_*); choose a new --out")
+    resume_step = None
+    if args.resume:
+        m = re.fullmatch(r"step_(\d+)", pathlib.Path(args.resume).name)
+        if m is None or not (pathlib.Path(args.resume) / "config.json").is_file():
+            raise FileNotFoundError(f"--resume {args.resume}: expected a step_N folder written by jaxvlm sc-tune")
+        resume_step = int(m.group(1))
+        later = sorted(p.name for p in out.glob("step_*") if re.fullmatch(r"step_\d+", p.name)
+                       and int(p.name[5:]) > resume_step)
+        if later:
+            raise ValueError(f"{out} already holds {', '.join(later)} beyond --resume {args.resume}; they would be "
+                             f"overwritten: move them away first")
+    elif (out / "metrics.jsonl").exists() or any(out.glob("step_*")):
+        raise ValueError(f"{out} already holds an SC-Tune run (metrics.jsonl / step_*); choose a new --out "
+                         f"or continue it with --resume {out}/step_N")
     records = read_box_records(args.data)                  # bad data fails before any compile
     if not pathlib.Path(args.image_root).is_dir():
         raise FileNotFoundError(f"--image-root {args.image_root} is not a folder")
@@ -83,7 +112,10 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--mesh {args.mesh!r}: expected three integers data,fsdp,tensor") from None
     mesh = M.make_mesh(M.MeshConfig.from_shape(shape))
-    cfg, params = conv.load_original(ckpt, show_progress=not args.no_progress)
+    # weights from the step folder when resuming (the source folder still gives the other files)
+    cfg, params = conv.load_original(args.resume or ckpt, dtype=np.float32, show_progress=not args.no_progress)
+    saved_dtype = _checkpoint_dtype(ckpt)
+    cfg = cfg.with_dtype(args.dtype, "float32")
     tok = QwenTokenizer.from_dir(str(ckpt))
     sc = SCTuneConfig(caption_steps=args.caption_steps, bbox_steps=args.bbox_steps, max_steps=args.max_steps,
                       caption_lr=args.caption_lr, bbox_lr=args.bbox_lr,
@@ -91,7 +123,10 @@ def _run(args: argparse.Namespace) -> int:
                       attend_left_pads=not args.mask_left_pads, seed=args.seed)
     tuner = SCTune(QwenVL(cfg), params, tok, sc, batch_size=args.batch_size, mesh=mesh)
     del params
-    extra = [p for p in ckpt.iterdir() if p.is_file() and p.name not in ("config.json", *WEIGHT_INDEXES)
+    if resume_step is not None:
+        tuner.resume(tuner.state.params, resume_step)
+    # the source's config.json (dtype flags included) and its other files go beside the tuned weights
+    extra = [p for p in ckpt.iterdir() if p.is_file() and p.name not in WEIGHT_INDEXES
              and not p.name.endswith((".safetensors", ".bin"))]
 
     def export(params, step):
@@ -100,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
         final, tmp = out / f"step_{step}", out / f".step_{step}.partial"
         if tmp.exists():
             shutil.rmtree(tmp)
-        conv.save_original(tmp, cfg, params)
+        conv.save_original(tmp, cfg, params, dtype=saved_dtype)
         for p in extra:
             shutil.copy2(p, tmp / p.name)
         os.replace(tmp, final)

@@ -27,15 +27,16 @@ model's ``seq_length``), the reward sits on the last column of the padded genera
 and advantages are not normalised. Departures: the engine never emits image-span tokens (`<img>`,
 `</img>`, `<imgpad>`: one sampled by a random or broken model would make the next forward read a
 bogus image span; a trained model does not emit them); the KL averages the original logs in the
-locator phase are not computed (they feed nothing).
+locator phase are not computed (they feed nothing); an unreadable image stops the run with its path
+(the original silently swaps in a random record).
 
 Sharding: params, the snapshot and the optimizer state are laid out by the logical-axis rules on
 the mesh (`jaxvlm.train.sharding`), the update steps are `make_train_step` steps, and every batch
 is split over the data-parallel axes, so the batch size must divide by them.
 
 Example:
-    >>> cfg, params = load_converted("ckpt/qwen-vl-chat")
-    >>> tok = QwenTokenizer.from_dir("ckpt/qwen-vl-chat/hf_files")
+    >>> cfg, params = jaxvlm.conversion.qwen_vl.load_original("Qwen-VL-Chat/", dtype=np.float32)
+    >>> tok = QwenTokenizer.from_dir("Qwen-VL-Chat/")
     >>> tuner = SCTune(QwenVL(cfg), params, tok, SCTuneConfig(max_steps=1200), batch_size=16)
     >>> summary = tuner.train(read_box_records("object365.json"), "images/", out_dir="out/sc_tune")
 """
@@ -253,11 +254,12 @@ class SCTune:
     """The phase loop over one model. `params` may be host arrays; they are placed on the mesh.
 
     batch_size: rows per global step (the original: 16 per GPU x 8); must divide by the mesh's
-        data-parallel size. mesh: default all devices on the data axis.
+        data-parallel size. mesh: default all devices on the fsdp axis.
+    max_len: decode cache slots: a prompt (the 256 image tokens, the box or the caption) plus its answer.
     """
 
     def __init__(self, model: QwenVL, params: Any, tokenizer: Any, cfg: SCTuneConfig = SCTuneConfig(), *,
-                 batch_size: int = 16, mesh: Mesh | None = None, rules: S.Rules | None = None, max_len: int = 384,
+                 batch_size: int = 16, mesh: Mesh | None = None, rules: S.Rules | None = None, max_len: int = 512,
                  compiler_options: dict | None = None):
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self.mesh = mesh if mesh is not None else M.make_mesh(M.MeshConfig())
@@ -423,6 +425,17 @@ class SCTune:
             raise FloatingPointError(f"non-finite loss or gradient at SC-Tune step {self.global_step + 1} "
                                      f"({self.phase} phase); the update was not applied")
 
+    def resume(self, params: Any, global_step: int) -> None:
+        """Continue a run from the params saved after `global_step` steps. Exact only at a phase start
+        (e.g. every 300 steps with 200 + 100), where the original too starts a fresh snapshot and
+        optimizer; elsewhere they would differ from the interrupted run's, so that is refused."""
+        cycle = self.cfg.caption_steps + self.cfg.bbox_steps
+        pos = global_step % cycle
+        if pos not in (0, self.cfg.caption_steps):
+            raise ValueError(f"step {global_step} is inside a phase; resume from a phase start: a multiple of {cycle} "
+                             f"(describer) or one plus {self.cfg.caption_steps} (locator)")
+        self.restart(params, "caption" if pos == 0 else "bbox", global_step)
+
     def switch_phase(self) -> None:
         """Swap roles: fresh optimizer state at the new phase's learning rate, snapshot <- policy."""
         self.restart(self.state.params, "bbox" if self.phase == "caption" else "caption", self.global_step)
@@ -454,6 +467,8 @@ class SCTune:
         `out_dir`, and calls `export(params, step)` every `save_every` steps and at the end."""
         total = self.cfg.max_steps + 1
         it = batches(records, self.batch_size, self.cfg.seed)
+        for _ in range(self.global_step):      # a resumed run continues the same batch order
+            next(it)
         bar = None
         if progress:
             from tqdm import tqdm
