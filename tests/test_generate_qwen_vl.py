@@ -67,3 +67,39 @@ def test_engine_checks_image_spans_before_jit(public):
     engine = Engine(QwenVL(cfg), batch_size=1, max_len=352, buckets=(320,), positions="slots")
     with pytest.raises(ValueError, match="holds 255 positions"):
         engine.prefill(params, dict(input_ids=short, pixel_values=inp["pixel_values"]))
+
+
+def test_generate_cli_serves_an_original_qwen_vl_chat_folder(shared_dir, tmp_path):
+    """`jaxvlm generate --checkpoint Qwen-VL-Chat/`: the original chat() prompt (make_context with the image
+    path in its span and the default system), decoded in batches of 2, gives each question the answer the
+    engine gives it alone (batch 1, no padding: what chat() runs)."""
+    import json
+    import os
+
+    from jaxvlm.cli import main
+    from jaxvlm.data.qwen_vl_processing import preprocess_image
+    from qwen_vl_utils import random_images, tiny_qwen_vl_chat, write_original_folder
+    from PIL import Image
+    tok, model, params = tiny_qwen_vl_chat(shared_dir)
+    ckpt = write_original_folder(tmp_path / "Qwen-VL-Chat", model, params, shared_dir)
+    names = random_images(tmp_path, 3)
+    qs = [{"question_id": i, "image": n, "text": t} for i, (n, t) in
+          enumerate(zip(names, ["What is this?", "Describe the image in detail.", "Where?"]))]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(q) for q in qs))
+    out = tmp_path / "a.jsonl"
+    assert main(["generate", "--checkpoint", str(ckpt), "--questions", str(tmp_path / "q.jsonl"), "--image-folder",
+                 str(tmp_path), "--output", str(out), "--max-new-tokens", "6", "--batch-size", "2"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    stops = (tok.eod_id, tok.im_end_id, tok.im_start_id)
+    engine = Engine(QwenVL(model.cfg), batch_size=1, max_len=512,
+                    sampler=SamplerConfig(eos_token_ids=stops, pad_token_id=tok.eod_id))
+    for q, row in zip(qs, rows):
+        path = os.path.join(str(tmp_path), q["image"])
+        raw, ids = tok.make_context(tok.from_list_format([{"image": path}, {"text": q["text"]}]))
+        assert raw.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>") and path in raw
+        pix = preprocess_image(Image.open(path), model.cfg.visual.image_size)[None]
+        want = engine.generate(params, dict(input_ids=np.asarray([ids]), pixel_values=pix), max_new_tokens=6,
+                               tokenizer=tok).texts[0].strip()
+        assert row["answer"] and row["answer"] == want and row["question_id"] == q["question_id"]
+    with pytest.raises(SystemExit, match="not served for Qwen-VL-Chat"):
+        main(["generate", "--checkpoint", str(ckpt), "--image", path, "--prompt", "Hi", "--chain-of-spot"])

@@ -12,38 +12,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from jaxvlm.methods import sc_tune_loop as L
 from jaxvlm.methods.sc_tune import box_to_qwen, caption_advantages, locator_prompt
-from jaxvlm.models.params import init_params
-from jaxvlm.models.qwen_vl import QwenVL, QwenVLConfig, example_inputs
 from jaxvlm.train import mesh as M
 from jaxvlm.train.step import next_token_loss
+from qwen_vl_utils import random_images, tiny_qwen_vl_chat, write_original_folder
 
 FAST = {"xla_backend_optimization_level": 0}   # compile time; numerics are unaffected
-TINY = dict(hidden_size=128, num_attention_heads=4, kv_channels=32, num_hidden_layers=2, intermediate_size=256,
-            vocab_size=151936, seq_length=2048, layer_norm_epsilon=1e-6, rotary_emb_base=10000, no_bias=True,
-            visual=dict(heads=2, image_size=56, image_start_id=151857, layers=1, mlp_ratio=2.0, output_dim=128,
-                        patch_size=14, width=32))
 BASE = dict(caption_new_tokens=8, box_new_tokens=8, caption_lr=1e-3, bbox_lr=1e-3)
 
 
 @pytest.fixture(scope="module")
 def world(shared_dir, tmp_path_factory):
-    from jaxvlm.data.qwen_vl_tokenizer import QwenTokenizer
-    tok = QwenTokenizer.from_dir(str(shared_dir / "fixtures" / "qwen_vl_chat"))
-    cfg = QwenVLConfig.from_original(TINY)
-    model = QwenVL(cfg)
-    params = jax.device_get(init_params(model, jax.random.key(0), *example_inputs(cfg)))
+    tok, model, params = tiny_qwen_vl_chat(shared_dir)
     root = tmp_path_factory.mktemp("sc_tune_images")
-    rng = np.random.default_rng(0)
     records = []
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    for i, name in enumerate(random_images(root, 8)):
         # boxes with 1-3 digit corners, so the describer prompts differ in length (left padding)
         x1, y1 = [0.005, 0.05, 0.3, 0.6][i % 4], [0.002, 0.2, 0.1, 0.5][i % 4]
-        records.append(dict(image_id=f"{i}.png", bbox=[x1, y1, x1 + 0.3, y1 + 0.4]))
+        records.append(dict(image_id=name, bbox=[x1, y1, x1 + 0.3, y1 + 0.4]))
     return dict(tok=tok, model=model, params=params, root=root, records=records)
 
 
@@ -271,13 +259,9 @@ def test_bad_input(world, tmp_path):
 def test_cli_tunes_a_converted_checkpoint(world, shared_dir, tmp_path, capsys):
     import argparse
 
-    import shutil
-
     from jaxvlm.conversion import qwen_vl as conv
     from jaxvlm.methods import sc_tune_cli
-    ckpt = tmp_path / "Qwen-VL-Chat"
-    conv.save_original(ckpt, world["model"].cfg, world["params"])
-    shutil.copy(shared_dir / "fixtures" / "qwen_vl_chat" / "qwen.tiktoken", ckpt)
+    ckpt = write_original_folder(tmp_path / "Qwen-VL-Chat", world["model"], world["params"], shared_dir)
     data = tmp_path / "boxes.json"
     data.write_text(json.dumps(world["records"]))
     parser = argparse.ArgumentParser()

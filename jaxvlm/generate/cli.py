@@ -12,11 +12,17 @@ Batch mode reads JSONL records `{"question_id" | "id", "image", "text" | "prompt
 other fields of the input record are carried over.
 
 Families: LLaVA-1.5 / LLaVA-MORE (CLIP pixels), Qwen2-VL / Qwen2.5-VL (HF's Qwen2-VL image processor
-from `hf_files/preprocessor_config.json`, chatml, M-RoPE positions from `qwen2_vl.rope_index`).
+from `hf_files/preprocessor_config.json`, chatml, M-RoPE positions from `qwen2_vl.rope_index`), and
+Qwen-VL-Chat read from its original folder (`config.json`, weights, `qwen.tiktoken`): the original
+`chat()`'s prompt (`make_context`, chatml, the image path inside `<img>...</img>`, system "You are a
+helpful assistant." unless `--system`), its 448 px transform, and stops at `<|im_end|>`,
+`<|im_start|>` or `<|endoftext|>`. Batched rows are positioned from their first real token, so each
+decodes as `chat()` decodes it alone (the original counts left padding; SC-Tune's loop keeps that).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -29,7 +35,8 @@ DEFAULT_TEMPLATES = {"llava": "vicuna_v1", "llava_llama3": "llama3", "qwen2_vl":
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="converted jaxvlm checkpoint directory")
+    p.add_argument("--checkpoint", required=True, help="converted jaxvlm checkpoint directory (or an original "
+                   "Qwen-VL-Chat folder)")
     p.add_argument("--image", help="image path (single prompt mode)")
     p.add_argument("--prompt", help="question text (single prompt mode)")
     p.add_argument("--questions", help="JSONL of {question_id|id, image, text|prompt} (batch mode)")
@@ -91,6 +98,8 @@ def load_model(ckpt: str, dtype: str | None = None):
     from jaxvlm.conversion.converted import load_converted
     from jaxvlm.models.llava import Llava, LlavaConfig
 
+    if is_qwen_vl_folder(ckpt):
+        return load_qwen_vl(ckpt, dtype)
     cfg, params = load_converted(ckpt)
     if dtype:
         cfg = cfg.with_dtype(dtype, cfg.text.param_dtype)
@@ -118,8 +127,35 @@ def load_model(ckpt: str, dtype: str | None = None):
                                         temporal_patch_size=cfg.vision.temporal_patch_size,
                                         merge_size=cfg.vision.spatial_merge_size)
         return cfg, Qwen2VL(cfg), params, tok, proc, "qwen2_vl"
-    raise NotImplementedError(f"`jaxvlm generate` serves LLaVA and Qwen2/2.5-VL checkpoints; got a "
+    raise NotImplementedError(f"`jaxvlm generate` serves LLaVA, Qwen2/2.5-VL and Qwen-VL-Chat checkpoints; got a "
                               f"{type(cfg).__name__} (decode it with jaxvlm.generate.Engine)")
+
+
+def is_qwen_vl_folder(ckpt: str) -> bool:
+    """An original Qwen-VL(-Chat) folder (its `config.json` has the `visual` dict; no jaxvlm conversion)."""
+    d = pathlib.Path(ckpt)
+    if (d / "jaxvlm_config.json").is_file() or not (d / "config.json").is_file():
+        return False
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except json.JSONDecodeError:
+        return False
+    return cfg.get("model_type") == "qwen" and isinstance(cfg.get("visual"), dict)
+
+
+def load_qwen_vl(ckpt: str, dtype: str | None = None):
+    """Qwen-VL-Chat read straight from its original folder (weights, config.json, qwen.tiktoken)."""
+    from jaxvlm.conversion import qwen_vl as conv
+    from jaxvlm.data.qwen_vl_processing import preprocess_image
+    from jaxvlm.data.qwen_vl_tokenizer import QwenTokenizer
+    from jaxvlm.models.qwen_vl import QwenVL
+    if not (pathlib.Path(ckpt) / "qwen.tiktoken").is_file():
+        raise FileNotFoundError(f"{ckpt}: no qwen.tiktoken (the Qwen-VL-Chat tokenizer) in the folder")
+    cfg, params = conv.load_original(ckpt, show_progress=False)
+    if dtype:
+        cfg = cfg.with_dtype(dtype, cfg.text.param_dtype)
+    tok = QwenTokenizer.from_dir(ckpt)
+    return cfg, QwenVL(cfg), params, tok, functools.partial(preprocess_image, size=cfg.visual.image_size), "qwen_vl"
 
 
 def question_of(rec: dict) -> str:
@@ -196,15 +232,23 @@ class Answerer:
         self.cfg, self.model, self.params, self.tok, self.proc, family = load_model(ckpt, args.dtype)
         self.family = family
         self.qwen2 = family == "qwen2_vl"
-        self.template = get_template(args.template or DEFAULT_TEMPLATES[family])
+        self.qwen_vl = family == "qwen_vl"
         self.system = args.system
-        eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
-        stops = []
-        for s in self.template.stop_strings:   # one-token end-of-turn strings stop in the compiled loop
-            ids = self.tok(s, add_special_tokens=False)["input_ids"]
-            eos.add(ids[0]) if len(ids) == 1 else stops.append(s)
+        if self.qwen_vl:       # the original chat(): chatml via make_context, stop words im_end / im_start
+            if args.template:
+                raise SystemExit("jaxvlm generate: Qwen-VL-Chat prompts are its own chatml (make_context); drop --template")
+            self.template = None
+            eos, stops = {self.tok.eod_id, self.tok.im_end_id, self.tok.im_start_id}, []
+            pad = self.tok.eod_id
+        else:
+            self.template = get_template(args.template or DEFAULT_TEMPLATES[family])
+            eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
+            stops = []
+            for s in self.template.stop_strings:   # one-token end-of-turn strings stop in the compiled loop
+                ids = self.tok(s, add_special_tokens=False)["input_ids"]
+                eos.add(ids[0]) if len(ids) == 1 else stops.append(s)
+            pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.stop_strings = tuple(stops)
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.sampler = SamplerConfig(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                      repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
                                      eos_token_ids=tuple(sorted(eos)), pad_token_id=pad)
@@ -231,6 +275,11 @@ class Answerer:
         """-> (ids [T], pixels): LLaVA pixels `[3, H, W]`, Qwen2-VL `(patches [N, D], grid_thw [3])`."""
         from jaxvlm.data.image_processing import load_image
         image = None if image_path is None else load_image(image_path)
+        if self.qwen_vl:      # the original reads the image from the path inside <img>...</img>
+            from jaxvlm.data.qwen_vl_tokenizer import DEFAULT_SYSTEM
+            items = ([] if image_path is None else [{"image": image_path}]) + [{"text": prompt}]
+            _, ids = self.tok.make_context(self.tok.from_list_format(items), system=self.system or DEFAULT_SYSTEM)
+            return np.asarray(ids, np.int32), None if image is None else self.proc(image)
         return encode_request(self.cfg, self.tok, self.proc, self.template, prompt, image, self.system)
 
     def encode_messages(self, messages: list[dict], images: list) -> tuple[np.ndarray, np.ndarray | None]:
@@ -239,7 +288,7 @@ class Answerer:
         `ProcessedImage` (e.g. a crop processed without padding)."""
         from jaxvlm.data.chat_templates import encode_prompt
         from jaxvlm.data.image_processing import ProcessedImage
-        if self.qwen2:
+        if self.qwen2 or self.qwen_vl:
             raise NotImplementedError("multi-image conversations are served for LLaVA checkpoints only")
         msgs = ([] if self.system is None else [{"role": "system", "content": self.system}]) + list(messages)
         procs = [im if isinstance(im, ProcessedImage) else self.proc(im) for im in images]
@@ -324,6 +373,9 @@ def main(args: argparse.Namespace) -> int:
     if args.reverse + args.chain_of_spot + args.judger > 1:
         raise SystemExit("jaxvlm generate: --reverse, --chain-of-spot and --judger are separate methods; pick one")
     answerer = Answerer(args.checkpoint, args)
+    if answerer.qwen_vl and (args.reverse or args.chain_of_spot or args.judger):
+        raise SystemExit("jaxvlm generate: --reverse, --chain-of-spot and --judger are not served for Qwen-VL-Chat "
+                         "(their originals run LLaVA or Qwen2.5-VL)")
     if args.judger:
         answer_chunk = judger_answers(answerer, records, image_of, single)
     elif args.chain_of_spot:
