@@ -151,7 +151,7 @@ def load_qwen_vl(ckpt: str, dtype: str | None = None):
     from jaxvlm.models.qwen_vl import QwenVL
     if not (pathlib.Path(ckpt) / "qwen.tiktoken").is_file():
         raise FileNotFoundError(f"{ckpt}: no qwen.tiktoken (the Qwen-VL-Chat tokenizer) in the folder")
-    cfg, params = conv.load_original(ckpt, show_progress=False)
+    cfg, params = conv.load_original(ckpt)          # a progress bar: 9.6B weights take a while
     if dtype:
         cfg = cfg.with_dtype(dtype, cfg.text.param_dtype)
     tok = QwenTokenizer.from_dir(ckpt)
