@@ -178,7 +178,7 @@ def test_phases_alternate_with_a_fresh_snapshot_and_optimizer(world, tuner, tmp_
     fresh = tuner
     tuner = fresh(caption_steps=1, bbox_steps=1, max_steps=2)
     exported = []
-    summary = tuner.train(world["records"], world["root"], out_dir=tmp_path, save_every=2, progress=False,
+    summary = tuner.train(world["records"], world["root"], out_dir=tmp_path, save_every=2, progress=True,
                           export=lambda params, step: exported.append(step))
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # max_steps=2 runs 3 batches, as the original's `global_step > max_steps` check

@@ -247,10 +247,10 @@ def load_original(path: str | os.PathLike, dtype=None, show_progress: bool = Tru
     with open_checkpoint(path) as reader:
         try:
             # copy out of the memory map: the reader is closed when this returns
-            params = params_from_state(reader, cfg, dtype, progress=bar.update if bar else None)
+            params = params_from_state(reader, cfg, dtype, progress=bar.update if bar is not None else None)
             params = _copy_tree(params)
         finally:
-            if bar:
+            if bar is not None:
                 bar.close()
     return cfg, params
 

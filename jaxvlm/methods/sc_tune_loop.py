@@ -485,13 +485,13 @@ class SCTune:
                 if log:
                     log.write(json.dumps({k: v for k, v in last.items() if k != "captions"}) + "\n")
                     log.flush()
-                if bar:
+                if bar is not None:
                     bar.set_postfix(phase=last["phase"], iou=f"{last['reward']:.3f}", loss=f"{last['loss']:.4f}")
                     bar.update(1)
                 if export is not None and (self.global_step % save_every == 0 or self.global_step == total):
                     export(jax.device_get(self.state.params), self.global_step)
         finally:
-            if bar:
+            if bar is not None:
                 bar.close()
             if log:
                 log.close()
