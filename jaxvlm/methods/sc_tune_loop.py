@@ -46,7 +46,6 @@ import dataclasses
 import functools
 import json
 import os
-import pathlib
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -54,12 +53,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from PIL import Image
 
+from jaxvlm.data.image_processing import load_image
 from jaxvlm.data.qwen_vl_processing import pad_batch, preprocess_images, raw_prompt_batch
 from jaxvlm.generate import Engine, SamplerConfig
 from jaxvlm.generate.engine import Generation
 from jaxvlm.generate.hooks import Hooks
+from jaxvlm.jsonio import read_json_or_jsonl
 from jaxvlm.methods.sc_tune import (box_iou, box_to_qwen, caption_advantages, describer_prompt, find_bbox,
                                     locator_labels, locator_prompt, ppo_loss, token_mask)
 from jaxvlm.models.params import logical_axes
@@ -117,17 +117,7 @@ class SCTuneConfig:
 def read_box_records(path: str | os.PathLike) -> list[dict]:
     """The original's ``object365.json``: a JSON list (or JSONL) of ``{"image_id": file under the image
     root, "bbox": [x1, y1, x2, y2]}`` with corners normalised to [0, 1] of the unpadded image."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SC-Tune data file not found: {path}")
-    text = path.read_text()
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: neither a JSON list nor JSONL ({e})") from None
+    records = read_json_or_jsonl(path, "SC-Tune data")
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path}: expected a non-empty list of {{'image_id', 'bbox'}} records")
     for i, r in enumerate(records):
@@ -140,17 +130,6 @@ def read_box_records(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{path}: record {i} ({r['image_id']}) has bbox {b!r}; expected [x1, y1, x2, y2] "
                              f"normalised to [0, 1] with x1 < x2 and y1 < y2")
     return records
-
-
-def load_image(image_root: str | os.PathLike, image_id: str) -> Image.Image:
-    p = pathlib.Path(image_root) / image_id
-    try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"SC-Tune image not found: {p}") from None
-    except OSError as e:
-        raise ValueError(f"SC-Tune image {p} cannot be decoded: {e}") from None
 
 
 def batches(records: Sequence[dict], batch_size: int, seed: int) -> Iterator[list[dict]]:
@@ -444,7 +423,7 @@ class SCTune:
         """One global step on a batch of records; switches phase when the phase's steps are done."""
         if len(records) != self.batch_size:
             raise ValueError(f"a step takes {self.batch_size} records, got {len(records)}")
-        images = [load_image(image_root, r["image_id"]) for r in records]
+        images = [load_image(os.path.join(image_root, r["image_id"]), r["image_id"]) for r in records]
         boxes = [list(map(float, r["bbox"])) for r in records]
         phase = self.phase
         if phase == "caption":
