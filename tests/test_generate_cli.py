@@ -234,6 +234,17 @@ def test_reverse_flag_runs_the_resampling_loop_on_the_engine(checkpoint, tagged_
         assert r["answer"] == want.text and r["reverse_success"] == want.success
         assert r["reverse_attempts"] == len(want.history)
     assert any(r["answer"] for r in rows)
+    # Sampled: each question draws from keys of its own, so its answer does not depend on the batch size.
+    sampled = [a for a in base if a not in ("--temperature", "0", "--reverse-threshold", "1.0")]
+    assert "--batch-size" in sampled and len(sampled) == len(base) - 4
+    got = {}
+    for bs in ("1", "3"):
+        args = [*sampled, "--temperature", "1.0", "--output", str(tmp_path / f"s{bs}.jsonl")]
+        args[args.index("--batch-size") + 1] = bs
+        assert main(args) == 0
+        got[bs] = [json.loads(line) for line in (tmp_path / f"s{bs}.jsonl").read_text().splitlines()]
+    assert got["1"] == got["3"] and len(got["1"]) == len(rows)
+    assert [r["answer"] for r in got["1"]] != [r["answer"] for r in rows]       # sampled, not greedy
     plain = [checkpoint["root"] / "q.jsonl", checkpoint["ckpt"]]
     with pytest.raises(SystemExit, match=r"--reverse: the tokenizer has no <SPAN>"):
         main(["generate", "--checkpoint", str(plain[1]), "--questions", str(plain[0]), "--image-folder",

@@ -141,6 +141,51 @@ def test_retrospective_resampling_follows_the_original(tok, style):
         assert hashlib.sha1(json.dumps(prefixes).encode()).hexdigest() == want["prefix_sha"], seed
 
 
+def test_batched_loops_equal_each_prompt_alone(tok):
+    """reverse_answers (several prompts' loops sharing each call, a finished prompt's row refilled) against
+    reverse_answer run per prompt on the same scripts, for both styles' settings; and a generator out of
+    room ends a loop as the attempt limit does."""
+    seeds = [int(k) for k in __import__("json").loads(
+        (__import__("pathlib").Path(__file__).parent / "reverse_resampling_cases.json").read_text())["llava"]][:7]
+    runs = [scripted(tok, s) for s in seeds]
+    for threshold in (0.003, 0.2):
+        kw = dict(threshold=threshold, temperature=1.0, max_attempts=12, local_attempts=3)
+        want = []
+        for script, _, prompt in runs:
+            it = iter(script)
+            want.append(reverse.reverse_answer(lambda prefix, t, it=it: next(it), prompt, tok, **kw))
+        served = [iter(script) for script, _, _ in runs]
+        rounds, seen = [], []
+
+        def rows(requests):
+            rounds.append([r.index for r in requests])
+            seen.extend((r.index, r.attempt) for r in requests)
+            return [next(served[r.index]) for r in requests]
+
+        got = dict(reverse.reverse_answers(rows, [p for _, _, p in runs], tok, batch_size=3, **kw))
+        assert sorted(got) == list(range(len(runs)))
+        for i, w in enumerate(want):
+            assert (got[i].text, got[i].success, got[i].history) == (w.text, w.success, w.history), (threshold, i)
+        assert max(len(r) for r in rounds) == 3 and len(rounds) < len(seen)     # batched, several per call
+        for i in range(len(runs)):       # each prompt's attempts are numbered 0, 1, 2, ... in order
+            assert [a for j, a in seen if j == i] == list(range(sum(j == i for j, _ in seen)))
+        assert any(len(w.history) > 1 for w in want) and len({len(w.history) for w in want}) > 1
+
+    script, _, prompt = runs[0]
+    calls = []
+
+    def full_after_two(prefix, t):
+        if len(calls) == 2:
+            raise reverse.OutOfRoom("cache full")
+        calls.append(1)
+        return script[len(calls) - 1]
+
+    res = reverse.retrospective_resample(full_after_two, prompt, tok, threshold=0.0, temperature=1.0)
+    assert len(calls) == 2 and not res.success and res.history[-1][1] == "out of room"
+    with pytest.raises(ValueError, match="style must be"):
+        list(reverse.reverse_answers(rows, [prompt], tok, batch_size=2, style="vicuna"))
+
+
 def test_engine_generator_reads_p_un_at_each_generated_token(torch_mods):
     import jax
     import jax.numpy as jnp
@@ -178,3 +223,30 @@ def test_engine_generator_reads_p_un_at_each_generated_token(torch_mods):
         reverse.retrospective_resample(gen, prompt, Tags(), style="vicuna")
     with pytest.raises(ValueError, match="track_token_ids"):
         reverse.engine_generator(Engine(model, batch_size=1, max_len=96), params, Tags(), batch_of, max_new_tokens=4)
+
+    # Batched rows (prompts of different lengths) sample what each prompt's own one-row generator samples:
+    # attempt a of prompt i draws from its own key, whatever shares the batch.
+    many = Engine(model, batch_size=3, max_len=96, buckets=(64, 96), hooks=Hooks(track_token_ids=(7,)))
+    prompts = [prompt, prompt[:-3], np.concatenate([prompt, rng.integers(3, IMG, 5)])]
+
+    def rows_of(reqs):           # left-padded to the longest prefix
+        t = max(len(r.prefix) for r in reqs)
+        return {"input_ids": np.stack([np.pad(r.prefix, (t - len(r.prefix), 0)) for r in reqs]),
+                "attention_mask": np.stack([np.pad(np.ones(len(r.prefix), np.int32), (t - len(r.prefix), 0))
+                                            for r in reqs]),
+                "pixel_values": np.concatenate([pix] * len(reqs))}
+    rows = reverse.engine_rows_generator(many, params, Tags(), rows_of, max_new_tokens=12, seed=5)
+    got = rows([reverse.RowRequest(i, a, p, t) for i, (a, p, t) in enumerate([(0, prompts[0], 1.0), (3, prompts[1], 1.3),
+                                                                            (1, prompts[2], 0.0)])])
+    for i, (a, t) in enumerate([(0, 1.0), (3, 1.3), (1, 0.0)]):
+        alone = reverse.engine_generator(engine, params, Tags(), batch_of, max_new_tokens=12, seed=5, index=i)
+        for _ in range(a):
+            alone(prompts[i], t)
+        new_i, p_i = alone(prompts[i], t)
+        np.testing.assert_array_equal(got[i][0], new_i)
+        np.testing.assert_allclose(got[i][1], p_i, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(got[0][0], new)                  # prompt 0's first attempt, as above
+    # A prefix with less room than max_new_tokens is generated alone with the room left; none left: OutOfRoom.
+    long, full = np.concatenate([prompt, rng.integers(3, IMG, 90 - len(prompt))]), np.full(96, 3)
+    short, out = rows([reverse.RowRequest(0, 0, long, 1.0), reverse.RowRequest(1, 0, full, 1.0)])
+    assert len(short[0]) == 6 and isinstance(out, reverse.OutOfRoom) and "96-slot" in str(out)

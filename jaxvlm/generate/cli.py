@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ue-relative-top", type=float, default=0.1, help="UE's plausibility filter alpha (default 0.1)")
     p.add_argument("--reverse", action="store_true",
                    help="REVERSE's retrospective resampling (jaxvlm.methods.reverse; the tokenizer needs <SPAN>, </CN>, "
-                        "</UN>): one question at a time, at --temperature (REVERSE: 1.0 for LLaVA, 0 for Qwen2.5-VL, "
+                        "</UN>): --batch-size questions' loops share each engine call, at --temperature (REVERSE: 1.0 for LLaVA, 0 for Qwen2.5-VL, "
                         "whose threshold was 0.01); "
                         "answers gain 'reverse_success' and 'reverse_attempts'")
     p.add_argument("--reverse-threshold", type=float, default=0.003,
@@ -376,47 +376,54 @@ def main(args: argparse.Namespace) -> int:
     if answerer.qwen_vl and (args.reverse or args.chain_of_spot or args.judger):
         raise SystemExit("jaxvlm generate: --reverse, --chain-of-spot and --judger are not served for Qwen-VL-Chat "
                          "(their originals run LLaVA or Qwen2.5-VL)")
-    if args.judger:
-        answer_chunk = judger_answers(answerer, records, image_of, single)
-    elif args.chain_of_spot:
-        answer_chunk = chain_of_spot_answers(answerer, records, image_of, single)
-    elif args.reverse:
-        answer_chunk = reverse_answers(answerer, records, image_of, single)
+    if args.reverse:
+        answers = reverse_answers(answerer, records, image_of, single)
     else:
-        encoded = [answerer.encode(question_of(r), image_of(r))
-                   for r in tqdm(records, desc="encode", unit="q", disable=single, file=sys.stderr)]
-        answerer.build_engine(max(len(i) for i, _ in encoded),
-                              max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
+        if args.judger:
+            answer_chunk = judger_answers(answerer, records, image_of, single)
+        elif args.chain_of_spot:
+            answer_chunk = chain_of_spot_answers(answerer, records, image_of, single)
+        else:
+            encoded = [answerer.encode(question_of(r), image_of(r))
+                       for r in tqdm(records, desc="encode", unit="q", disable=single, file=sys.stderr)]
+            answerer.build_engine(max(len(i) for i, _ in encoded),
+                                  max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
 
-        def answer_chunk(indices, seed):
-            return [{"answer": a} for a in answerer.answer([encoded[i] for i in indices], seed)]
+            def answer_chunk(indices, seed):
+                return [{"answer": a} for a in answerer.answer([encoded[i] for i in indices], seed)]
+        answers = _chunked(answer_chunk, len(records), args.batch_size, args.seed)
 
     out_f = open(args.output, "w") if (args.output and not single) else None
     try:
         n_done = 0
         bar = tqdm(total=len(records), desc="generate", unit="q", disable=single, file=sys.stderr)
-        for b, chunk in enumerate(_batches(list(range(len(records))), args.batch_size)):
-            for i, got in zip(chunk, answer_chunk(chunk, args.seed + b)):
-                rec = records[i]
-                if single:
-                    print(got["answer"])
-                    continue
-                row = {k: v for k, v in rec.items() if k not in ("text", "prompt")}
-                key = "question_id" if "question_id" in rec else "id"
-                row[key] = rec.get(key, n_done)
-                row.update(prompt=question_of(rec), **got, model_id=model_id)
-                line = json.dumps(row)
-                if out_f:
-                    out_f.write(line + "\n")
-                else:
-                    print(line)
-                n_done += 1
-            bar.update(len(chunk))
+        for i, got in answers:          # in the records' order
+            rec = records[i]
+            bar.update(1)
+            if single:
+                print(got["answer"])
+                continue
+            row = {k: v for k, v in rec.items() if k not in ("text", "prompt")}
+            key = "question_id" if "question_id" in rec else "id"
+            row[key] = rec.get(key, n_done)
+            row.update(prompt=question_of(rec), **got, model_id=model_id)
+            line = json.dumps(row)
+            if out_f:
+                out_f.write(line + "\n")
+            else:
+                print(line)
+            n_done += 1
         bar.close()
     finally:
         if out_f:
             out_f.close()
     return 0
+
+
+def _chunked(answer_chunk, n: int, batch_size: int, seed: int):
+    """(index, answer) for records 0..n-1 from `answer_chunk(indices, seed + chunk number)` over batches."""
+    for b, chunk in enumerate(_batches(list(range(n)), batch_size)):
+        yield from zip(chunk, answer_chunk(chunk, seed + b))
 
 
 def chain_of_spot_answers(answerer: Answerer, records: list[dict], image_of, quiet: bool):
@@ -449,9 +456,12 @@ def chain_of_spot_answers(answerer: Answerer, records: list[dict], image_of, qui
 
 
 def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bool):
-    """REVERSE for every record, one at a time (jaxvlm.methods.reverse.reverse_answer over the engine, P(</UN>)
-    tracked): returns answer_chunk(indices, seed) -> [{answer, reverse_success, reverse_attempts}]. The cache
-    fits the longest prompt, the hints (128 tokens) and three answers' worth of kept and new text."""
+    """REVERSE for every record (jaxvlm.methods.reverse.reverse_answers over the engine, P(</UN>) tracked):
+    `--batch-size` questions' resampling loops share each engine call, a finished question's row going to
+    the next one. Yields (index, {answer, reverse_success, reverse_attempts}) in the records' order. Each
+    question samples from keys of its own (--seed, its index, the attempt), so its answer does not depend
+    on the batch size. The cache fits the longest prompt, the hints (128 tokens) and three answers' worth
+    of kept and new text; a question whose kept text outgrows it stops there (success false)."""
     from tqdm import tqdm
 
     from jaxvlm.generate import Hooks
@@ -466,26 +476,24 @@ def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bo
     encoded = [answerer.encode(question_of(r), image_of(r))
                for r in tqdm(records, desc="encode", unit="q", disable=quiet, file=sys.stderr)]
     answerer.hooks = Hooks(track_token_ids=(un,))
-    # One question at a time (each attempt depends on the last), so the engine is compiled for one row.
     answerer.build_engine(max(len(i) for i, _ in encoded) + 128 + 2 * a.max_new_tokens,
-                          max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]), batch_size=1)
+                          max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
     style = {"qwen2_vl": "qwen", "llava_llama3": "llama3"}.get(answerer.family, "llava")
-
-    def answer_chunk(indices, seed):
-        out = []
-        for i in indices:
-            ids, pix = encoded[i]
-            gen = reverse.engine_generator(answerer.engine, answerer.params, answerer.tok,
-                                           lambda prefix, pix=pix: answerer.batch_of([(prefix, pix)]),
-                                           max_new_tokens=a.max_new_tokens, seed=seed * 7919 + i)
-            res = reverse.reverse_answer(gen, ids, answerer.tok, threshold=a.reverse_threshold,
-                                         temperature=a.temperature, max_attempts=a.reverse_max_attempts,
-                                         local_attempts=a.reverse_local_attempts,
-                                         assistant_tokens=a.reverse_assistant_tokens, style=style)
-            out.append({"answer": res.text, "reverse_success": res.success, "reverse_attempts": len(res.history)})
-        return out
-
-    return answer_chunk
+    rows = reverse.engine_rows_generator(
+        answerer.engine, answerer.params, answerer.tok,
+        lambda reqs: answerer.batch_of([(r.prefix, encoded[r.index][1]) for r in reqs]),
+        max_new_tokens=a.max_new_tokens, seed=a.seed)
+    results = reverse.reverse_answers(rows, [ids for ids, _ in encoded], answerer.tok,
+                                      batch_size=answerer.engine.batch_size, threshold=a.reverse_threshold,
+                                      temperature=a.temperature, max_attempts=a.reverse_max_attempts,
+                                      local_attempts=a.reverse_local_attempts,
+                                      assistant_tokens=a.reverse_assistant_tokens, style=style)
+    ready, nxt = {}, 0
+    for i, res in results:
+        ready[i] = {"answer": res.text, "reverse_success": res.success, "reverse_attempts": len(res.history)}
+        while nxt in ready:
+            yield nxt, ready.pop(nxt)
+            nxt += 1
 
 
 def _images_of(records: list[dict], image_of, method: str) -> list:

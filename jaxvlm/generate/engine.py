@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -43,6 +44,11 @@ _COMPILED: dict = {}    # jitted steps shared by engines with the same model and
 # Eigen path at ~6: batch-8 decode steps were ~1.5x faster without YNN, batch 1 ~10% slower (only
 # batch 1 and 8 were measured; 4 is a guess at the crossover).
 _CPU_BATCHED_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _default_row_keys(rng: Array, batch: int) -> Array:
+    return jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(batch))
 
 
 def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
@@ -211,13 +217,13 @@ class Engine:
             new["finished"] = jnp.where(has_tok, False, state.finished) | ~state.active
         return state.replace(**new)
 
-    def _empty_impl(self, active, temperature, rng) -> DecodeState:
+    def _empty_impl(self, active, temperature, rng, row_keys) -> DecodeState:
         cache = init_cache(self.text_cfg, self.batch_size, self.max_len, self.cache_dtype)
         n_heads = self.text_cfg.num_heads if self.hooks.attention_layer is not None else None
         state = empty_state(cache, self.text_cfg.vocab_size, batch=self.batch_size, n_lens=len(self.hooks.lens_layers),
                             n_tracked=len(self.hooks.track_token_ids), num_heads=n_heads, rng=rng,
                             pad_token_id=self.sampler.pad_token_id)
-        return state.replace(active=active, finished=~active, temperature=temperature)
+        return state.replace(active=active, finished=~active, temperature=temperature, row_keys=row_keys)
 
     def _extend_impl(self, params, state, ids, mask, pixel_values, positions, extra):
         # prefill is an extend of an empty state: one compiled function per chunk bucket serves both
@@ -234,8 +240,7 @@ class Engine:
             scores = hooks.rule(state, StepOutputs(state.logits, state.layer_logits, key))
         seen = (jnp.arange(s)[None] < slot) & (state.kv_mask > 0)
         scores = process_logits(cfg, scores, state.ids, seen, slot - state.gen_start)
-        keys = jax.vmap(lambda r, p: jax.random.fold_in(jax.random.fold_in(state.rng, r), p))(
-            jnp.arange(b), state.next_pos)
+        keys = jax.vmap(jax.random.fold_in)(state.row_keys, state.next_pos)
         tok = select(cfg, scores, state.temperature, keys)
         live = ~state.finished
         tok = jnp.where(live, tok, cfg.pad_token_id)
@@ -339,13 +344,15 @@ class Engine:
         return (start + np.arange(t, dtype=np.int32)[None]).astype(np.int32)
 
     def prefill(self, params, batch: Mapping[str, Any], *, temperature: float | Sequence[float] = 0.0,
-                rng: Array | int | None = None, reserve: int = 0) -> DecodeState:
+                rng: Array | int | None = None, row_keys: Array | None = None, reserve: int = 0) -> DecodeState:
         """Encode a prompt batch into a fresh state whose `logits` predict the first answer token.
 
         batch: `input_ids [B, T]` (left-padded), optional `attention_mask [B, T]`, `pixel_values`
             (the model's layout), `positions` (`[B, T]` or M-RoPE `[3, B, T]`; default from the mask);
             any other key is passed to the model (e.g. `image_grid_thw`).
-        temperature: scalar or per row; 0 = greedy. rng: key or int seed for sampling.
+        temperature: scalar or per row; 0 = greedy. rng: key or int seed for sampling (row r draws from
+            `fold_in(rng, r)`). row_keys: optional `[B]` keys (`jax.random.key` array), one per given row,
+            instead: a row then samples the same tokens whatever batch it is in.
         reserve: slots to keep free for the answer (chooses a smaller bucket if needed).
         """
         batch = dict(batch)
@@ -356,7 +363,8 @@ class Engine:
         if isinstance(rng, int) or rng is None:
             rng = jax.random.key(0 if rng is None else rng)
         self._check_inputs(ids, pix, batch)
-        state = self._empty(jnp.asarray(active), self._temperature(temperature), rng)
+        state = self._empty(jnp.asarray(active), self._temperature(temperature), rng,
+                            self._row_keys(rng, row_keys, int(np.sum(active))))
         return self._extend(self.prepare(params), state, ids, mask, None if pix is None else jnp.asarray(pix), pos,
                             batch)
 
@@ -402,6 +410,17 @@ class Engine:
     def with_temperature(self, state: DecodeState, temperature) -> DecodeState:
         return state.replace(temperature=self._temperature(temperature))
 
+    def _row_keys(self, rng: Array, given: Array | None, n: int) -> Array:
+        """`[batch_size]` sampling keys: `given` for the first `n` rows, `fold_in(rng, row)` elsewhere."""
+        keys = _default_row_keys(rng, self.batch_size)
+        if given is None:
+            return keys
+        given = jnp.asarray(given)
+        if given.shape != (n,) or not jnp.issubdtype(given.dtype, jax.dtypes.prng_key):
+            raise ValueError(f"row_keys must be one jax.random.key per given row ({n}), "
+                             f"got {given.dtype} {given.shape}")
+        return keys.at[:n].set(given)
+
     def _temperature(self, t) -> Array:
         t = np.broadcast_to(np.asarray(t, np.float32), (self.batch_size,)) if np.ndim(t) == 0 else \
             np.pad(np.asarray(t, np.float32), (0, self.batch_size - len(t)))
@@ -410,7 +429,8 @@ class Engine:
         return jnp.asarray(t)
 
     def generate(self, params, batch: Mapping[str, Any], *, max_new_tokens: int, temperature=0.0,
-                 rng: Array | int | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
+                 rng: Array | int | None = None, row_keys: Array | None = None,
+                 stop_strings: Sequence[str] = (), tokenizer=None,
                  check_every: int = 32) -> Generation:
         """Prefill + decode with host-side stop strings (checked every `check_every` tokens on the
         decoded text; the answer is cut after the token that completes the string, which is kept,
@@ -418,7 +438,8 @@ class Engine:
         if stop_strings and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode the text")
         n_rows = np.asarray(batch["input_ids"]).shape[0]
-        state = self.prefill(params, batch, temperature=temperature, rng=rng, reserve=max_new_tokens)
+        state = self.prefill(params, batch, temperature=temperature, rng=rng, row_keys=row_keys,
+                             reserve=max_new_tokens)
         start = int(state.gen_start)
         cut = np.full(self.batch_size, -1)
         done = 0

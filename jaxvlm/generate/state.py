@@ -29,8 +29,10 @@ class DecodeState:
     finished:       `[B]` bool, row hit EOS (or is batch padding); its later tokens are pad, masked out
     active:         `[B]` bool, row is a real sample (False for rows padding the batch to the compiled size)
     temperature:    `[B]` float32, 0 = greedy
-    rng:            PRNG key; the draw for a token uses `fold_in(fold_in(rng, row), position)`, so a
-                    rollback and a fresh prefill of the same text sample the same token
+    rng:            PRNG key of the logits rules' stream (`Hooks.rule`)
+    row_keys:       `[B]` PRNG keys, one per row (by default `fold_in(rng, row)`); the draw for a token uses
+                    `fold_in(row_keys[row], position)`, so a rollback and a fresh prefill of the same text
+                    sample the same token, and a row given its own key samples as it would in any batch
     logits:         `[B, V]` float32 raw next-token logits of the last forward (final layer)
     layer_logits:   `[n, B, V]` logit-lens logits of `Hooks.lens_layers` at the same position, or None
     token_logprobs: `[B, S]` float32 log-prob of each generated slot's token under the raw logits
@@ -55,6 +57,7 @@ class DecodeState:
     active: Array
     temperature: Array
     rng: Array
+    row_keys: Array
     logits: Array
     token_logprobs: Array
     image_slots: Array
@@ -84,6 +87,7 @@ def empty_state(cache: tuple[Array, Array], vocab_size: int, *, batch: int, n_le
                 num_heads: int | None = None, rng: Array | None = None, pad_token_id: int = 0) -> DecodeState:
     """A state with nothing in the cache (`length == 0`); `prefill` fills it."""
     b, s = batch, cache[0][0].shape[-2]               # one layer's keys [B*K, S, Dh], stacked or unrolled
+    rng = jax.random.key(0) if rng is None else rng
     f32 = jnp.float32
     return DecodeState(
         cache=cache,
@@ -96,7 +100,8 @@ def empty_state(cache: tuple[Array, Array], vocab_size: int, *, batch: int, n_le
         finished=jnp.zeros((b,), bool),
         active=jnp.ones((b,), bool),
         temperature=jnp.zeros((b,), f32),
-        rng=jax.random.key(0) if rng is None else rng,
+        rng=rng,
+        row_keys=jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(b)),   # the engine's default
         logits=jnp.zeros((b, vocab_size), f32),
         token_logprobs=jnp.zeros((b, s), f32),
         image_slots=jnp.zeros((b, s), bool),

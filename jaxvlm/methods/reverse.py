@@ -16,7 +16,8 @@ generate; at each phrase's closing tag read P(</UN>) from the raw next-token dis
 phrase above the threshold, keep what precedes it (the confident spans), add the phrase to a hint in the
 prompt, raise the temperature by 0.05 (at most +0.5) and resample from there, keeping only the next span
 of a correction; after 10 failed local tries, fall back to the last full sentence; stop after 50 tries.
-`engine_generator` drives it with `jaxvlm.generate.Engine` (tracked P(</UN>), one row).
+`engine_generator` drives it with `jaxvlm.generate.Engine` (tracked P(</UN>), one row); `reverse_answers`
+runs many prompts' loops as one batch (`engine_rows_generator`), a finished prompt's row going to the next.
 
 Example:
     >>> tok.add_tokens(list(TAGS))
@@ -25,10 +26,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 import re
 import string
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -111,8 +113,26 @@ class Resampled:
 
 
 #: generate(prefix_ids `[T]`, temperature) -> (new ids `[n]` including a final EOS if one was produced,
-#: P(</UN>) `[n]` from the raw (unprocessed) distribution at the step that produced each new id)
+#: P(</UN>) `[n]` from the raw (unprocessed) distribution at the step that produced each new id); it raises
+#: `OutOfRoom` when its cache cannot hold the prefix and at least one new token
 Generator = Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]]
+
+
+class OutOfRoom(Exception):
+    """A generator's decode cache cannot hold the prefix and one more token (the resampling loop's
+    prefix grows with kept text and hints)."""
+
+
+class RowRequest(NamedTuple):
+    """One attempt of one prompt in a `reverse_answers` round."""
+    index: int            # the prompt's index
+    attempt: int          # how many attempts this prompt has had (its sampling key)
+    prefix: np.ndarray    # `[T]` ids
+    temperature: float
+
+
+#: generate_rows(requests) -> one `(new ids, P(</UN>))` (as `Generator` returns) or `OutOfRoom` per request
+RowsGenerator = Callable[[Sequence[RowRequest]], Sequence["tuple[np.ndarray, np.ndarray] | OutOfRoom"]]
 
 
 def _decode(tokenizer, ids) -> str:
@@ -178,15 +198,116 @@ def retrospective_resample(generate: Generator, prompt_ids: Sequence[int], token
     read). `open_qa_prompt` adds the false-premise prompt; `style` is the original's per-model hint text:
     "llava" (the false-premise prompt always, then the hint, unspaced), "llama3" (LLaVA-MORE: both spaced)
     or "qwen" (Qwen2.5-VL: the false-premise prompt only with `open_qa_prompt`, each part after a space);
-    `cut_unfinished_sentence` applies when all attempts are used (the original's open-ended QA flag)."""
+    `cut_unfinished_sentence` applies when all attempts are used (the original's open-ended QA flag).
+
+    A `generate` that raises `OutOfRoom` (its cache cannot hold the grown prefix) ends the loop as the
+    attempt limit does: the kept text is the answer, `success` is False, the history's last entry is
+    flagged "out of room"."""
+    return _drive(_resampling(prompt_ids, tokenizer, threshold=threshold, temperature=temperature,
+                              max_attempts=max_attempts, local_attempts=local_attempts,
+                              temperature_step=temperature_step, open_qa_prompt=open_qa_prompt,
+                              cut_unfinished_sentence=cut_unfinished_sentence, assistant_tokens=assistant_tokens,
+                              style=style), generate)
+
+
+def reverse_answer(generate: Generator, prompt_ids: Sequence[int], tokenizer: Any, **kw) -> Resampled:
+    """`retrospective_resample` as the original's evaluation calls it: an empty answer is retried with the
+    false-premise prompt, and an empty retry becomes "Unable to answer directly due to false premises or
+    missing information." (``model_vqa_loader.py``)."""
+    return _drive(_answering(prompt_ids, tokenizer, **kw), generate)
+
+
+def reverse_answers(generate_rows: RowsGenerator, prompts: Sequence[Sequence[int]], tokenizer: Any, *,
+                    batch_size: int, **kw) -> Iterator[tuple[int, Resampled]]:
+    """`reverse_answer` for many prompts, `batch_size` of them in flight at once: each round asks
+    `generate_rows` for one attempt of every live prompt, and a finished prompt's place goes to the next
+    one. Yields `(index, Resampled)` as prompts finish (not in order). Each prompt follows exactly the
+    loop `reverse_answer` runs for it alone; with `engine_rows_generator` it also samples the same tokens,
+    since every attempt draws from a key of its own (prompt index, attempt number).
+
+    Example:
+        >>> rows = engine_rows_generator(engine, params, tok, batch_of_rows, max_new_tokens=128, seed=0)
+        >>> answers = dict(reverse_answers(rows, prompts, tok, batch_size=engine.batch_size))
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for ids in prompts:                       # bad arguments fail before any generation
+        _check_args(ids, kw.get("assistant_tokens", 5), kw.get("style", "llava"))
+    live: dict[int, tuple[Any, tuple[np.ndarray, float]]] = {}
+    calls = [0] * len(prompts)
+    todo = iter(range(len(prompts)))
+
+    def advance(i: int, steps, move) -> Resampled | None:
+        try:
+            live[i] = (steps, move())
+        except StopIteration as stop:
+            return stop.value
+        return None
+
+    while True:
+        for i in todo:
+            if len(live) == batch_size:
+                todo = itertools.chain([i], todo)
+                break
+            steps = _answering(prompts[i], tokenizer, **kw)
+            if (done := advance(i, steps, lambda: next(steps))) is not None:
+                yield i, done
+        if not live:
+            return
+        order = list(live)
+        results = generate_rows([RowRequest(i, calls[i], *live[i][1]) for i in order])
+        for i, got in zip(order, results):
+            steps = live.pop(i)[0]
+            calls[i] += 1
+            move = (lambda: steps.throw(got)) if isinstance(got, OutOfRoom) else (lambda: steps.send(got))
+            if (done := advance(i, steps, move)) is not None:
+                yield i, done
+
+
+def _drive(steps, generate: Generator) -> Resampled:
+    """Run a resampling coroutine to its end with one prompt's `generate`."""
+    try:
+        request = next(steps)
+        while True:
+            try:
+                got = generate(*request)
+            except OutOfRoom as e:
+                request = steps.throw(e)
+                continue
+            request = steps.send(got)
+    except StopIteration as stop:
+        return stop.value
+
+
+def _check_args(prompt_ids: Sequence[int], assistant_tokens: int, style: str) -> None:
     if style not in ("llava", "llama3", "qwen"):
         raise ValueError(f"style must be 'llava', 'llama3' or 'qwen', got {style!r}")
+    if len(prompt_ids) <= assistant_tokens:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens, not more than the {assistant_tokens} "
+                         f"assistant-header tokens the hints go before")
+
+
+def _answering(prompt_ids, tokenizer, **kw):
+    """`reverse_answer` as a coroutine (see `_resampling`)."""
+    res = yield from _resampling(prompt_ids, tokenizer, **kw)
+    if res.text == "":
+        res = yield from _resampling(prompt_ids, tokenizer, **dict(kw, open_qa_prompt=True))
+        if res.text == "":
+            res = dataclasses.replace(res, text=OPEN_QA_DEFAULT_ANSWER)
+    return res
+
+
+def _resampling(prompt_ids, tokenizer, *, threshold: float = 0.003, temperature: float = 1.0,
+                max_attempts: int = 50, local_attempts: int = 10, temperature_step: float = 0.05,
+                open_qa_prompt: bool = False, cut_unfinished_sentence: bool = False, assistant_tokens: int = 5,
+                style: str = "llava"):
+    """The loop of `retrospective_resample` as a coroutine: yields each attempt's `(prefix ids, temperature)`,
+    is sent back `(new ids, P(</UN>))` (or thrown `OutOfRoom`), and returns the `Resampled`. One loop serves
+    one prompt (`_drive`) and many prompts batched together (`reverse_answers`)."""
+    _check_args(prompt_ids, assistant_tokens, style)
     tags = tag_ids(tokenizer)
     eos = tokenizer.eos_token_id
     prompt = np.asarray(prompt_ids, np.int64)
-    if len(prompt) <= assistant_tokens:
-        raise ValueError(f"the prompt has {len(prompt)} tokens, not more than the {assistant_tokens} assistant-header "
-                         f"tokens the hints go before")
     existing = np.zeros((0,), np.int64)
     history: list[tuple[str, str | None]] = []
     phrases: list[str] = []
@@ -210,7 +331,11 @@ def retrospective_resample(generate: Generator, prompt_ids: Sequence[int], token
     for _ in range(max_attempts):
         if not correcting:
             temp = temperature
-        new, p_un = generate(prefix(), temp)
+        try:
+            new, p_un = yield prefix(), temp
+        except OutOfRoom:
+            phrase = "out of room"
+            break
         new, p_un = np.asarray(new, np.int64), np.asarray(p_un, np.float64)
         text, raw, new, phrase, back, latest = _check(existing, new, p_un, tokenizer, tags, threshold, correcting, eos)
         if phrase is None:
@@ -246,38 +371,68 @@ def retrospective_resample(generate: Generator, prompt_ids: Sequence[int], token
                      history, False)
 
 
-def reverse_answer(generate: Generator, prompt_ids: Sequence[int], tokenizer: Any, **kw) -> Resampled:
-    """`retrospective_resample` as the original's evaluation calls it: an empty answer is retried with the
-    false-premise prompt, and an empty retry becomes "Unable to answer directly due to false premises or
-    missing information." (``model_vqa_loader.py``)."""
-    res = retrospective_resample(generate, prompt_ids, tokenizer, **kw)
-    if res.text == "":
-        res = retrospective_resample(generate, prompt_ids, tokenizer, **dict(kw, open_qa_prompt=True))
-        if res.text == "":
-            res = dataclasses.replace(res, text=OPEN_QA_DEFAULT_ANSWER)
-    return res
+def engine_rows_generator(engine, params, tokenizer: Any,
+                          batch_of_rows: Callable[[Sequence[RowRequest]], Mapping[str, Any]], *,
+                          max_new_tokens: int, seed: int = 0) -> RowsGenerator:
+    """A `RowsGenerator` over `jaxvlm.generate.Engine`: `batch_of_rows(requests)` makes the engine's batch
+    of their prefixes, left-padded (ids, mask, each prompt's images; Qwen2-VL also grids and M-RoPE
+    positions, e.g. `jaxvlm generate`'s ``Answerer.batch_of``). The engine must be built with
+    ``Hooks(track_token_ids=(id of </UN>,))``. Attempt `a` of prompt `i` samples with the key
+    `fold_in(fold_in(key(seed), i), a)`, whatever else shares its batch. A prefix whose row cannot hold
+    `max_new_tokens` more is generated alone with the room left; one with no room at all gets `OutOfRoom`."""
+    import jax
 
-
-def engine_generator(engine, params, tokenizer: Any, batch_of: Callable[[np.ndarray], Mapping[str, Any]], *,
-                     max_new_tokens: int, seed: int = 0) -> Generator:
-    """A `Generator` over `jaxvlm.generate.Engine` for one prompt: `batch_of(prefix_ids)` makes the engine's
-    one-row batch (ids, mask, the image(s); Qwen2-VL also its grids and M-RoPE positions, e.g.
-    `jaxvlm generate`'s ``Answerer.batch_of``). The engine must be built with
-    ``Hooks(track_token_ids=(id of </UN>,))``; each call samples with a fresh key."""
     from jaxvlm.generate import tracked_prob
     un = tag_ids(tokenizer)[2]
     if un not in engine.hooks.track_token_ids:
         raise ValueError(f"build the engine with Hooks(track_token_ids=({un},)): REVERSE reads P(</UN>)")
+    base = jax.random.key(seed)
+
+    def row_keys(reqs: Sequence[RowRequest]):
+        return jax.vmap(lambda i, a: jax.random.fold_in(jax.random.fold_in(base, i), a))(
+            np.array([r.index for r in reqs], np.int32), np.array([r.attempt for r in reqs], np.int32))
+
+    def generate_rows(requests: Sequence[RowRequest]):
+        out: list = [None] * len(requests)
+        full, groups = [], []
+        for k, r in enumerate(requests):
+            room = engine.max_len - len(r.prefix)
+            if room < 1:
+                out[k] = OutOfRoom(f"prompt {r.index}: its {len(r.prefix)}-token prefix fills the "
+                                   f"{engine.max_len}-slot decode cache")
+            elif room < max_new_tokens:
+                groups.append(([k], room))
+            else:
+                full.append(k)
+        groups += [(full[j:j + engine.batch_size], max_new_tokens) for j in range(0, len(full), engine.batch_size)]
+        for ks, n_new in groups:
+            reqs = [requests[k] for k in ks]
+            gen = engine.generate(params, dict(batch_of_rows(reqs)), max_new_tokens=n_new,
+                                  temperature=[r.temperature for r in reqs], row_keys=row_keys(reqs))
+            start = int(gen.state.gen_start)
+            probs = np.asarray(tracked_prob(gen.state, un, engine.hooks))
+            for j, k in enumerate(ks):
+                n = int(gen.lengths[j])
+                out[k] = (gen.tokens[j, :n], probs[j, start:start + n])
+        return out
+
+    return generate_rows
+
+
+def engine_generator(engine, params, tokenizer: Any, batch_of: Callable[[np.ndarray], Mapping[str, Any]], *,
+                     max_new_tokens: int, seed: int = 0, index: int = 0) -> Generator:
+    """A `Generator` over `jaxvlm.generate.Engine` for one prompt: `engine_rows_generator` with one row,
+    `batch_of(prefix_ids)` making its batch; prompt `index`'s keys, so it samples what `reverse_answers`
+    samples for that prompt."""
+    rows = engine_rows_generator(engine, params, tokenizer, lambda reqs: batch_of(reqs[0].prefix),
+                                 max_new_tokens=max_new_tokens, seed=seed)
     calls = [0]
 
     def generate(prefix: np.ndarray, temperature: float):
-        gen = engine.generate(params, dict(batch_of(np.asarray(prefix))), max_new_tokens=max_new_tokens,
-                              temperature=temperature,
-                              rng=seed * 1_000_003 + calls[0])
+        got = rows([RowRequest(index, calls[0], np.asarray(prefix), temperature)])[0]
         calls[0] += 1
-        n = int(gen.lengths[0])
-        start = int(gen.state.gen_start)
-        probs = np.asarray(tracked_prob(gen.state, un, engine.hooks))[0, start:start + n]
-        return gen.tokens[0, :n], probs
+        if isinstance(got, OutOfRoom):
+            raise got
+        return got
 
     return generate
