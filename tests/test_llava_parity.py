@@ -170,9 +170,11 @@ def test_causal_query_blocks_and_mask_bias_match_one_full_attention():
     logits = jnp.where(mask[:, :, None], logits, -jnp.inf)
     ref = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(logits, -1), v).reshape(b, t, h, d)
     seen = np.asarray(valid)                                        # rows with at least one key
+    # jitted: op-by-op, the blocked path's many small ops took ~20 s here
+    attend = jax.jit(L.dot_attention, static_argnames="causal_blocks")
     for blocks in (1, 4, 6, 7):           # 7 does not divide 96: blocks of 13-14 queries
         for m in (mask, L.mask_bias(mask)):
-            out, _ = L.dot_attention(q, k, v, m, causal_blocks=blocks)
+            out, _ = attend(q, k, v, m, causal_blocks=blocks)
             assert rel_err(np.asarray(out)[seen], np.asarray(ref)[seen]) < 1e-6, blocks
     # No mask means bidirectional: blocks must not drop future keys then.
     full_ref = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(jnp.einsum("btkgd,bskd->bkgts", qg, k), -1),

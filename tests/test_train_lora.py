@@ -71,15 +71,16 @@ def test_merge_equals_base_plus_lora(hf_llava):
         "self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj", "mlp/gate_proj",
         "mlp/up_proj", "mlp/down_proj")}     # all LM linears, not lm_head, not the vision tower
     assert lora["language_model"]["layers"]["self_attn"]["q_proj"]["lora_a"].shape == (2, 64, 4)
-    merged = model.apply({"params": LO.merge_lora(params, lora, spec)}, ids, pix).logits
+    logits = jax.jit(lambda p: model.apply({"params": p}, ids, pix).logits)     # one compile, three weight sets
+    merged = logits(LO.merge_lora(params, lora, spec))
     ref = unmerged_forward(model, params, lora, spec, ids, pix)
-    base = model.apply({"params": params}, ids, pix).logits
+    base = logits(params)
     err = float(jnp.max(jnp.abs(merged - ref)) / jnp.max(jnp.abs(ref)))
     assert err < 1e-6, err
     assert float(jnp.max(jnp.abs(base - ref))) > 1e-3      # the adapter really changes the output
     # B = 0 at init: the adapted model starts as the base model
     fresh = LO.init_lora(params, spec, jax.random.key(0))
-    np.testing.assert_array_equal(model.apply({"params": LO.merge_lora(params, fresh, spec)}, ids, pix).logits, base)
+    np.testing.assert_array_equal(logits(LO.merge_lora(params, fresh, spec)), base)
 
 
 def test_peft_export_loads_in_peft(hf_llava, tmp_path):

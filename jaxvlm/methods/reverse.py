@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import random
 import re
 import string
@@ -105,7 +104,8 @@ def render_answer(ids: Sequence[int], tokenizer: Any, tags: Sequence[int], cut_c
 @dataclasses.dataclass
 class Resampled:
     """What `retrospective_resample` returns: the answer (tags dropped), the history of attempts as
-    (raw text, the flagged phrase | None | "successful correction"), and whether it ended without a flag."""
+    (raw text, the flagged phrase | None | "successful correction" | "out of room"), and whether it ended
+    without a flag."""
 
     text: str
     history: list[tuple[str, str | None]]
@@ -233,34 +233,31 @@ def reverse_answers(generate_rows: RowsGenerator, prompts: Sequence[Sequence[int
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for ids in prompts:                       # bad arguments fail before any generation
         _check_args(ids, kw.get("assistant_tokens", 5), kw.get("style", "llava"))
-    live: dict[int, tuple[Any, tuple[np.ndarray, float]]] = {}
+    live: dict[int, tuple[Any, tuple[np.ndarray, float]]] = {}    # index -> (its loop, its next request)
     calls = [0] * len(prompts)
-    todo = iter(range(len(prompts)))
+    started = 0
 
-    def advance(i: int, steps, move) -> Resampled | None:
+    def advance(i: int, steps, got=None) -> Resampled | None:
+        """Move prompt i's loop on (start it, send it a result or throw it OutOfRoom); its answer once done."""
         try:
-            live[i] = (steps, move())
+            live[i] = (steps, next(steps) if got is None else
+                       steps.throw(got) if isinstance(got, OutOfRoom) else steps.send(got))
         except StopIteration as stop:
             return stop.value
         return None
 
     while True:
-        for i in todo:
-            if len(live) == batch_size:
-                todo = itertools.chain([i], todo)
-                break
-            steps = _answering(prompts[i], tokenizer, **kw)
-            if (done := advance(i, steps, lambda: next(steps))) is not None:
+        while len(live) < batch_size and started < len(prompts):
+            i, started = started, started + 1
+            if (done := advance(i, _answering(prompts[i], tokenizer, **kw))) is not None:
                 yield i, done
         if not live:
             return
         order = list(live)
         results = generate_rows([RowRequest(i, calls[i], *live[i][1]) for i in order])
         for i, got in zip(order, results):
-            steps = live.pop(i)[0]
             calls[i] += 1
-            move = (lambda: steps.throw(got)) if isinstance(got, OutOfRoom) else (lambda: steps.send(got))
-            if (done := advance(i, steps, move)) is not None:
+            if (done := advance(i, live.pop(i)[0], got)) is not None:
                 yield i, done
 
 
