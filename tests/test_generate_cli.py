@@ -76,6 +76,17 @@ def test_batch_mode_writes_answers_jsonl(checkpoint, capsys):
     assert rc == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == rows[1]["answer"]
 
+    # Sampled: question i draws from its own key, so --batch-size 1 and 3 write the same answers; the seed matters.
+    sampled = {}
+    for bs, seed in (("1", "0"), ("3", "0"), ("3", "1")):
+        f = c["root"] / f"sampled_{bs}_{seed}.jsonl"
+        assert main(["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
+                     "--image-folder", str(c["root"]), "--output", str(f), "--max-new-tokens", str(NEW),
+                     "--batch-size", bs, "--temperature", "1.0", "--seed", seed]) == 0
+        sampled[bs, seed] = [json.loads(line)["answer"] for line in f.read_text().splitlines()]
+    assert sampled["1", "0"] == sampled["3", "0"] != [r["answer"] for r in rows]
+    assert sampled["3", "1"] != sampled["3", "0"]
+
 
 def test_bad_invocations(checkpoint, tmp_path):
     from jaxvlm.cli import main

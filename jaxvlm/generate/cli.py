@@ -27,7 +27,7 @@ import json
 import os
 import pathlib
 import sys
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -52,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed: question i draws from its own key (jaxvlm.generate.question_keys), so a sampled "
+                        "answer does not depend on --batch-size")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=None,
                    help="KV-cache slots (default: longest prompt + max-new-tokens, rounded up to 128)")
@@ -333,12 +335,16 @@ class Answerer:
             batch["pixel_values"] = np.concatenate([p[None] if p.ndim == 3 else p for p in pix])
         return batch
 
-    def answer(self, items: list[tuple[np.ndarray, Any]], seed: int) -> list[str]:
-        """items: (ids [T], pixels as `encode` returns them | None) -> decoded answers."""
+    def answer(self, items: list[tuple[np.ndarray, Any]], seed: int, indices: Sequence[int],
+               turn: int = 0) -> list[str]:
+        """items: (ids [T], pixels as `encode` returns them | None) of the records `indices` -> decoded answers.
+        Each record samples from its own key (`question_keys(seed, index, turn)`), so a sampled answer does not
+        depend on the batch size."""
+        from jaxvlm.generate import question_keys
         batch = self.batch_of(items)
         out = self.engine.generate(self.params, batch, max_new_tokens=self.args.max_new_tokens,
-                                   temperature=self.args.temperature, rng=seed, stop_strings=self.stop_strings,
-                                   tokenizer=self.tok)
+                                   temperature=self.args.temperature, row_keys=question_keys(seed, indices, turn),
+                                   stop_strings=self.stop_strings, tokenizer=self.tok)
         return [self._clean(s) for s in out.texts]
 
     def _clean(self, text: str) -> str:
@@ -390,8 +396,9 @@ def main(args: argparse.Namespace) -> int:
                                   max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
 
             def answer_chunk(indices, seed):
-                return [{"answer": a} for a in answerer.answer([encoded[i] for i in indices], seed)]
-        answers = _chunked(answer_chunk, len(records), args.batch_size, args.seed)
+                return [{"answer": a} for a in answerer.answer([encoded[i] for i in indices], seed, indices)]
+        answers = ((i, got) for chunk in _batches(list(range(len(records))), args.batch_size)
+                   for i, got in zip(chunk, answer_chunk(chunk, args.seed)))
 
     out_f = open(args.output, "w") if (args.output and not single) else None
     try:
@@ -420,12 +427,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chunked(answer_chunk, n: int, batch_size: int, seed: int):
-    """(index, answer) for records 0..n-1 from `answer_chunk(indices, seed + chunk number)` over batches."""
-    for b, chunk in enumerate(_batches(list(range(n)), batch_size)):
-        yield from zip(chunk, answer_chunk(chunk, seed + b))
-
-
 def chain_of_spot_answers(answerer: Answerer, records: list[dict], image_of, quiet: bool):
     """Chain-of-Spot's two turns for every record (jaxvlm.methods.chain_of_spot): returns
     answer_chunk(indices, seed) -> [{answer, roi, roi_cropped}]. One engine serves both
@@ -443,13 +444,13 @@ def chain_of_spot_answers(answerer: Answerer, records: list[dict], image_of, qui
     answerer.build_engine(2 * max(len(i) for i, _ in turn1) + answerer.args.max_new_tokens)
 
     def answer_chunk(indices, seed):
-        rois = answerer.answer([turn1[i] for i in indices], seed)
+        rois = answerer.answer([turn1[i] for i in indices], seed, indices)
         turn2, cropped = [], []
         for i, roi in zip(indices, rois):
             crop, ok = cos.crop_to_roi(images[i], roi, answerer.proc.fill)
             turn2.append(answerer.encode_messages(cos.answer_messages(questions[i], roi), [images[i], crop]))
             cropped.append(ok)
-        answers = answerer.answer(turn2, seed)
+        answers = answerer.answer(turn2, seed, indices, turn=1)
         return [{"answer": a, "roi": r, "roi_cropped": c} for a, r, c in zip(answers, rois, cropped)]
 
     return answer_chunk
@@ -550,7 +551,7 @@ def judger_answers(answerer: Answerer, records: list[dict], image_of, quiet: boo
     answerer.build_engine(max(len(i) for i, _ in encoded))
 
     def answer_chunk(indices, seed):
-        answers = answerer.answer([encoded[i] for i in indices], seed)
+        answers = answerer.answer([encoded[i] for i in indices], seed, indices)
         return [{"answer": a, "crop_box": boxes[i]} for a, i in zip(answers, indices)]
 
     return answer_chunk

@@ -46,6 +46,24 @@ _COMPILED: dict = {}    # jitted steps shared by engines with the same model and
 _CPU_BATCHED_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def question_keys(seed: int, questions: Sequence[int], streams: Sequence[int] | int = 0) -> Array:
+    """`[n]` sampling keys, `fold_in(fold_in(key(seed), question), stream)` for each question index (and
+    stream: an attempt, a second turn). Passed as `Engine.prefill(row_keys=)`, they make a question sample
+    the same tokens whatever batch it is in.
+
+    Example:
+        >>> engine.generate(params, batch, max_new_tokens=64, temperature=1.0, row_keys=question_keys(0, [4, 5]))
+    """
+    q = np.asarray(questions, np.int32)
+    s = np.broadcast_to(np.asarray(streams, np.int32), q.shape)
+    return _question_keys(jax.random.key(seed), q, s)
+
+
+@jax.jit
+def _question_keys(base: Array, questions: Array, streams: Array) -> Array:
+    return jax.vmap(lambda i, a: jax.random.fold_in(jax.random.fold_in(base, i), a))(questions, streams)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _default_row_keys(rng: Array, batch: int) -> Array:
     return jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(batch))

@@ -377,17 +377,10 @@ def engine_rows_generator(engine, params, tokenizer: Any,
     ``Hooks(track_token_ids=(id of </UN>,))``. Attempt `a` of prompt `i` samples with the key
     `fold_in(fold_in(key(seed), i), a)`, whatever else shares its batch. A prefix whose row cannot hold
     `max_new_tokens` more is generated alone with the room left; one with no room at all gets `OutOfRoom`."""
-    import jax
-
-    from jaxvlm.generate import tracked_prob
+    from jaxvlm.generate import question_keys, tracked_prob
     un = tag_ids(tokenizer)[2]
     if un not in engine.hooks.track_token_ids:
         raise ValueError(f"build the engine with Hooks(track_token_ids=({un},)): REVERSE reads P(</UN>)")
-    base = jax.random.key(seed)
-
-    def row_keys(reqs: Sequence[RowRequest]):
-        return jax.vmap(lambda i, a: jax.random.fold_in(jax.random.fold_in(base, i), a))(
-            np.array([r.index for r in reqs], np.int32), np.array([r.attempt for r in reqs], np.int32))
 
     def generate_rows(requests: Sequence[RowRequest]):
         out: list = [None] * len(requests)
@@ -405,7 +398,8 @@ def engine_rows_generator(engine, params, tokenizer: Any,
         for ks, n_new in groups:
             reqs = [requests[k] for k in ks]
             gen = engine.generate(params, dict(batch_of_rows(reqs)), max_new_tokens=n_new,
-                                  temperature=[r.temperature for r in reqs], row_keys=row_keys(reqs))
+                                  temperature=[r.temperature for r in reqs],
+                                  row_keys=question_keys(seed, [r.index for r in reqs], [r.attempt for r in reqs]))
             start = int(gen.state.gen_start)
             probs = np.asarray(tracked_prob(gen.state, un, engine.hooks))
             for j, k in enumerate(ks):
