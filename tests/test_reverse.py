@@ -250,3 +250,5 @@ def test_engine_generator_reads_p_un_at_each_generated_token(torch_mods):
     long, full = np.concatenate([prompt, rng.integers(3, IMG, 90 - len(prompt))]), np.full(96, 3)
     short, out = rows([reverse.RowRequest(0, 0, long, 1.0), reverse.RowRequest(1, 0, full, 1.0)])
     assert len(short[0]) == 6 and isinstance(out, reverse.OutOfRoom) and "96-slot" in str(out)
+    with pytest.raises(ValueError, match=r"row_keys must be one jax.random.key per given row \(1\)"):
+        engine.prefill(params, batch_of(prompt), row_keys=np.array([1, 2]))
