@@ -270,6 +270,29 @@ def test_roundtrip_bit_exact_and_transformers_loads(tmp_path, tt, hf_llava, save
     assert torch.equal(a, b)
 
 
+def test_unrolled_layers_export_like_scanned(tmp_path, imported):
+    """A scan_layers=False model's params (`layers_0 ..`, as the demo checkpoint saves them) export to the
+    same HF tensors as the scanned ones (they once failed with "params have no ...layers/..."), through
+    the CLI too."""
+    import dataclasses
+
+    from jaxvlm.cli import main
+    from jaxvlm.models.llama import unstack_layers
+    cfg, params = imported
+    unrolled = unstack_layers(params)
+    assert "layers" not in unrolled["language_model"] and "layers_1" in unrolled["language_model"]
+    a = read_all(llava_io.export_llava(cfg, params, tmp_path / "scanned", progress=False))
+    b = read_all(llava_io.export_llava(cfg, unrolled, tmp_path / "unrolled", progress=False))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    ucfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, scan_layers=False))
+    save_converted(tmp_path / "jax_unrolled", ucfg, unrolled)
+    assert main(["convert", "to-hf", str(tmp_path / "jax_unrolled"), str(tmp_path / "cli"), "--no-progress"]) == 0
+    c = read_all(tmp_path / "cli")
+    assert sorted(c) == sorted(a) and all(np.array_equal(c[k], a[k]) for k in a)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_lm_roundtrip(tmp_path, tt, family):
     torch, transformers = tt

@@ -250,6 +250,9 @@ def test_round_trip_bit_exact_and_loads_in_transformers(setup, torch_mods, tmp_p
         jax.tree.map(np.testing.assert_array_equal, again, jax.tree.map(np.asarray, params))
     saved = qwen2_vl_state_from_params(params, cfg, "saved")
     assert any(k.startswith("visual.blocks.0.") for k in saved) and any(k.startswith("model.layers.0.") for k in saved)
+    from jaxvlm.models.llama import unstack_layers          # a scan_layers=False model's params export alike
+    unrolled = qwen2_vl_state_from_params(unstack_layers(params), cfg, "saved")
+    assert sorted(unrolled) == sorted(saved) and all(np.array_equal(unrolled[k], saved[k]) for k in saved)
     hf.config.save_pretrained(tmp_path)
     write_qwen2_vl_safetensors(tmp_path / "model.safetensors", params, cfg)
     cfg2, from_file = qwen2_vl_params_from_checkpoint(tmp_path)             # config.json + file, streamed

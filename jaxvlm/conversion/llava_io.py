@@ -36,7 +36,7 @@ from jaxvlm.conversion.io import (CheckpointReader, PathLike, atomic_output_dir,
                                   write_sharded_safetensors)
 from jaxvlm.conversion.table import ConversionError, Rule, export_params, import_params, llava_rules, lm_rules
 from jaxvlm.models.clip import CLIPVisionConfig
-from jaxvlm.models.llama import DecoderLM, LMConfig
+from jaxvlm.models.llama import DecoderLM, LMConfig, stack_layers
 from jaxvlm.models.llava import Llava, LlavaConfig
 from jaxvlm.models.params import abstract_params
 
@@ -445,6 +445,7 @@ def hf_llava_config(cfg: LlavaConfig, dtype=None, image_token_id: int | None = N
 
 def _export(rules: list[Rule], params: Mapping, hf_config: dict, out_dir: PathLike, dtype, max_shard_bytes: int,
             overwrite: bool, extra_files: Sequence[PathLike], progress: bool) -> pathlib.Path:
+    params = stack_layers(params)       # the tables name the scanned `layers` (a scan_layers=False model unrolls them)
     leaves = [_leaf(params, r.path) for r in rules]     # numpy or jax arrays; only shapes/dtypes read here
     src_dtypes = {str(np.dtype(x.dtype)) for x in leaves}
     if dtype is None and len(src_dtypes) == 1:

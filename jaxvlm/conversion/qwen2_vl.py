@@ -121,7 +121,8 @@ def export_qwen2_vl(params: Mapping, cfg: Qwen2VLConfig, layout: str = "saved",
     """Yield `(hf_key, array)` one tensor at a time, in `layout` ("saved" or "hf_memory")."""
     if layout not in QWEN2_VL_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {sorted(QWEN2_VL_LAYOUTS)}")
-    for key, x in export_params(qwen2_vl_rules(cfg), params, dtype):
+    from jaxvlm.models.llama import stack_layers
+    for key, x in export_params(qwen2_vl_rules(cfg), stack_layers(params), dtype):   # unrolled LM layers too
         if layout == "hf_memory":
             key = ("model.language_model." + key[len("model."):] if key.startswith("model.")
                    else "model." + key if key.startswith("visual.") else key)

@@ -25,6 +25,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxvlm.models import layers as L
 
@@ -376,12 +377,14 @@ def unstack_layers(params: Mapping) -> dict:
 
 
 def stack_layers(params: Mapping) -> dict:
-    """Inverse of `unstack_layers` (for saving, training or sharding rules that expect `layers`)."""
+    """Inverse of `unstack_layers` (for saving, training, conversion or sharding rules that expect
+    `layers`); params already stacked pass through, numpy layers stay numpy (host memory)."""
     def stack(lm: dict) -> dict:
         names = sorted((k for k in lm if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
         if not names:
             return lm
         layers = [lm.pop(k) for k in names]
-        lm["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        lm["layers"] = jax.tree.map(lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs),
+                                    *layers)
         return lm
     return _map_lms(params, stack)
