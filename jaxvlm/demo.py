@@ -217,7 +217,16 @@ MAX_NEW = {"caption": 96, "vqa": 8, "pope_adversarial": 6, "rec": 28, "reg": 16}
 #: the 4-layer LM's, 0 and 1, chosen per token by its JS rule (its prior was measured on Osprey and does
 #: not carry over). Scored where its paper reports: captions (CHAIR), region descriptions (METEOR) and
 #: yes/no hallucination (PhD there, POPE here).
-METHODS = {"UE": (("--ue-layers", "0,1"), ("caption", "reg", "pope_adversarial"))}
+#: REVERSE needs a model that writes span tags: `reverse_tune` fine-tunes the checkpoint on the train split's
+#: captions with every object phrase tagged <SPAN>..</CN>, and in 43% of them (the original data's share of
+#: negative answers) one phrase swapped for an absent shape, tagged </UN>, the answer ending there; then
+#: captions are decoded with retrospective resampling, greedy at first (the original's Qwen setting), with
+#: the threshold 0.2 on P(</UN>) (the tuned model puts ~0.1-0.2 on every phrase; 0.1 flags nearly all).
+METHODS = {"UE": (("--ue-layers", "0,1"), ("caption", "reg", "pope_adversarial")),
+           "REVERSE": (("--reverse", "--temperature", "0", "--reverse-threshold", "0.2", "--max-new-tokens", "128"),
+                       ("caption",))}     # (tags make a caption ~3 tokens longer per object)
+#: Fine-tuning steps of the methods that decode a model tuned for them (`TUNERS`, below; batch 8, ~100 s here).
+TUNE_STEPS = 400
 
 
 def decode_all(ckpt: pathlib.Path, world, tasks: dict, out: pathlib.Path, batch_size: int,
@@ -292,15 +301,87 @@ def evaluate_all(preds: dict, tasks: dict, world, out: pathlib.Path) -> dict:
 
 
 def run_methods(names: Sequence[str], ckpt: pathlib.Path, world, tasks: dict, out: pathlib.Path,
-                batch_size: int) -> dict[str, dict]:
-    """Decode and score each named decoding method (`METHODS`) on its tasks: name -> metrics."""
+                batch_size: int, tok_dir: pathlib.Path | None = None, tune_steps: int = TUNE_STEPS,
+                overrides: Sequence[str] = ()) -> dict[str, dict]:
+    """Decode and score each named decoding method (`METHODS`) on its tasks: name -> metrics. A method in
+    `TUNERS` decodes a copy of `ckpt` fine-tuned for it (`tune_steps`, recipe `overrides`; `tok_dir`: the
+    world's tokenizer)."""
     results = {}
     for name in names:
         flags, method_tasks = METHODS[name]
+        model = ckpt
+        if name in TUNERS:
+            model = TUNERS[name](ckpt, world, tok_dir or out / "tokenizer", out / name.lower(), tune_steps,
+                                 overrides=tuple(overrides))
         sub = {k: tasks[k] for k in method_tasks}
-        preds = decode_all(ckpt, world, sub, out, batch_size, extra=flags, predictions=f"predictions_{name.lower()}")
+        preds = decode_all(model, world, sub, out, batch_size, extra=flags, predictions=f"predictions_{name.lower()}")
         results[name] = evaluate_all(preds, sub, world, out)
+        if name in ("REVERSE",):           # its answers drop the tags; CHAIR reads plain captions
+            results[name]["reverse_attempts"] = _mean_field(preds["caption"], "reverse_attempts")
     return results
+
+
+def _mean_field(path: pathlib.Path, key: str) -> float:
+    rows = [json.loads(line) for line in open(path)]
+    return sum(float(r[key]) for r in rows) / max(len(rows), 1)
+
+
+# ----------------------------------------------------------------------------- REVERSE on the shapes world
+
+NEGATIVE_SHARE = 0.43     # REVERSE's data: 2.9M negative of 6.8M QA turns
+
+
+def reverse_records(src: pathlib.Path, dst: pathlib.Path, seed: int = 0) -> int:
+    """The LLaVA records of `src` with each caption answer span-tagged as REVERSE's data is: every object
+    phrase as `<SPAN>phrase</CN>`; in a `NEGATIVE_SHARE` of them one phrase has its shape swapped for one the
+    image lacks, tagged `</UN>`, and the answer ends there. Other records are kept. Returns how many negatives."""
+    import re
+
+    from jaxvlm.data.shapes_world.vocab import CATEGORIES
+    rng = random.Random(seed)
+    shape = re.compile(r"\b(" + "|".join(CATEGORIES) + r")\b")
+    out, negatives = [], 0
+    for r in json.loads(pathlib.Path(src).read_text()):
+        if not r["id"].endswith("_caption"):
+            out.append(r)
+            continue
+        head, body = r["conversations"][1]["value"].split(": ", 1)       # "The image shows N shapes on ...: a, b and c."
+        phrases = re.split(r", | and ", body.rstrip("."))
+        tagged = [f"<SPAN>{p}</CN>" for p in phrases]
+        if rng.random() < NEGATIVE_SHARE:
+            k = rng.randrange(len(phrases))
+            present = {m.group(1) for p in phrases for m in shape.finditer(p)}
+            fake = shape.sub(rng.choice([c for c in CATEGORIES if c not in present]), phrases[k], count=1)
+            text = head + ": " + ", ".join(tagged[:k] + [f"<SPAN>{fake}</UN>"])
+            negatives += 1
+        else:
+            text = head + ": " + (", ".join(tagged[:-1]) + " and " + tagged[-1] if len(tagged) > 1 else tagged[0]) + "."
+        out.append(dict(r, conversations=[r["conversations"][0], dict(r["conversations"][1], value=text)]))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(out))
+    return negatives
+
+
+def reverse_tune(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.Path, steps: int,
+                 overrides: tuple[str, ...] = ()) -> pathlib.Path:
+    """`ckpt` fine-tuned on `reverse_records` (targets inside an </UN> span not trained: `data.reverse_labels`),
+    the recipe's optimizer with a 20-step warmup, the tower frozen. Returns the tuned converted checkpoint."""
+    from jaxvlm.conversion.converted import hf_files_of, load_converted
+    from jaxvlm.conversion.llava_io import export_llava
+    from jaxvlm.train.loop import train
+    n_neg = reverse_records(world.llava["train"], out / "train.json")
+    print(f"[demo] REVERSE: {n_neg} negative captions; fine-tuning {steps} steps", file=sys.stderr)
+    cfg, params = load_converted(ckpt)
+    export_llava(cfg, params, out / "hf", overwrite=True, extra_files=hf_files_of(ckpt), progress=False)
+    rcfg, _ = recipe(out, world, tok_dir, steps, overrides=tuple(overrides) + (
+        f"model.init_from={out / 'hf'}", f"data.path={out / 'train.json'}", "data.reverse_labels=True",
+        "optim.warmup_steps=20", "checkpoint.async_save=False"))
+    train(rcfg)
+    return out / "checkpoint"
+
+
+#: Methods whose column decodes a model tuned for them: name -> tuner(ckpt, world, tok_dir, out, steps) -> ckpt.
+TUNERS = {"REVERSE": reverse_tune}
 
 
 def baselines(world, tasks: dict, seed: int = 0) -> dict:
@@ -514,7 +595,7 @@ def main(args) -> int:
     base = baselines(world, tasks)
     timings["eval_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    methods = run_methods(method_names, ckpt, world, tasks, out, args.batch_size)
+    methods = run_methods(method_names, ckpt, world, tasks, out, args.batch_size, tok_dir)
     if method_names:
         timings["methods_s"] = round(time.perf_counter() - t, 1)
     pngs = pictures(ckpt, world, tasks, preds, out)

@@ -101,6 +101,60 @@ def test_train_loop_hands_the_curriculum_to_the_pipeline(trained, monkeypatch):
                                   [7, s, -100, -100, u, 10, s, 11, c])
 
 
+def test_reverse_records_tag_every_caption_phrase(trained, tmp_path):
+    """REVERSE's data for the shapes world: positives tag every object phrase </CN> and keep the caption;
+    negatives keep the phrases before a swapped one, whose shape the image lacks, tagged </UN> at the end."""
+    import re
+
+    from jaxvlm.data.shapes_world.vocab import CATEGORIES
+    _, world, *_ = trained
+    src = json.loads(world.llava["train"].read_text())
+    n_neg = D.reverse_records(world.llava["train"], tmp_path / "r.json", seed=1)
+    got = json.loads((tmp_path / "r.json").read_text())
+    caps = [(a, b) for a, b in zip(src, got) if a["id"].endswith("_caption")]
+    assert [a["id"] for a in src] == [b["id"] for b in got] and 0 < n_neg < len(caps)
+    assert all(a == b for a, b in zip(src, got) if not a["id"].endswith("_caption"))
+    negatives = 0
+    for a, b in caps:
+        plain, tagged = a["conversations"][1]["value"], b["conversations"][1]["value"]
+        spans = re.findall(r"<SPAN>(.*?)</(CN|UN)>", tagged)
+        assert spans and all(t == "CN" for _, t in spans[:-1])
+        if spans[-1][1] == "UN":
+            negatives += 1
+            assert tagged.endswith("</UN>")
+            fake = next(c for c in CATEGORIES if re.search(rf"\b{c}\b", spans[-1][0]))
+            assert not re.search(rf"\b{fake}\b", plain)               # a shape the image does not have
+            assert all(p in plain for p, _ in spans[:-1])
+        else:
+            assert re.sub(r"</?SPAN>|</CN>", "", tagged) == plain
+    assert negatives == n_neg
+
+
+def test_added_tokens_reach_the_data_and_the_exported_tokenizer(trained, tmp_path, monkeypatch):
+    """tokens.add grows the tokenizer the data is encoded with (data.tokenizer by default), and the exported
+    checkpoint carries that grown tokenizer (it once copied data.tokenizer, without the new tokens)."""
+    import jaxvlm.data.pipeline as P
+    from jaxvlm.conversion.converted import load_converted
+    from jaxvlm.train import loop
+    out, world, tok, ckpt, _ = trained
+    seen, real = {}, P.make_dataset
+    monkeypatch.setattr(P, "make_dataset", lambda *a, **kw: seen.update(tok=a[2]) or real(*a, **kw))
+    cfg, _ = D.recipe(out, world, out / "tokenizer", overrides=(
+        'tokens.add=["<probe_tag>"]', f"train.workdir={tmp_path / 'work'}", f"train.export={tmp_path / 'ckpt'}"))
+    assert cfg.tokens.tokenizer is None          # defaults to data.tokenizer
+    loop.make_data(cfg, loop.model_config(cfg), 8)
+    grown = loop.run_tokenizer(cfg)
+    assert len(grown) == len(tok) + 1 and seen["tok"].convert_tokens_to_ids("<probe_tag>") == len(tok)
+    grown.save_pretrained(tmp_path / "work" / "tokenizer")      # what train() saves before it grows the rows
+    lc, params = load_converted(ckpt)
+    loop.export_converted(cfg, lc, params, None)
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(tmp_path / "ckpt" / "hf_files").convert_tokens_to_ids("<probe_tag>") == len(tok)
+    cfg.data.tokenizer = None
+    with pytest.raises(ValueError, match="no tokenizer to load: set data.tokenizer"):
+        loop.run_tokenizer(cfg)
+
+
 def test_decode_evaluate_and_pictures(trained):
     out, world, tok, ckpt, _ = trained
     tasks = {}
@@ -130,14 +184,20 @@ def test_decode_evaluate_and_pictures(trained):
     assert "REC Acc@0.5" in table and "POPE adv. accuracy" in table
 
     # Decoding methods: each decodes its own tasks into predictions_<name>/ and gets a column.
-    methods = D.run_methods(list(D.METHODS), ckpt, world, tasks, out, batch_size=4)
+    # REVERSE decodes a copy fine-tuned on span-tagged captions (a few steps here).
+    methods = D.run_methods(list(D.METHODS), ckpt, world, tasks, out, batch_size=4, tune_steps=6,
+                            overrides=("checkpoint.every=10000",))
     for name, (_, method_tasks) in D.METHODS.items():
         for task in method_tasks:
             rows = [json.loads(line) for line in open(out / f"predictions_{name.lower()}" / f"{task}.jsonl")]
             assert [r["question_id"] for r in rows] == [q["question_id"] for q in tasks[task][0]]
     assert 0.0 <= methods["UE"]["chair"]["CHAIRi"] <= 1.0 and "vqa" not in methods["UE"]
+    assert set(methods["REVERSE"]) == {"chair", "reverse_attempts"} and methods["REVERSE"]["reverse_attempts"] >= 1
+    assert "<SPAN>" not in (out / "predictions_reverse" / "caption.jsonl").read_text()
+    logs = [json.loads(line) for line in open(out / "reverse" / "train" / "metrics.jsonl") if '"loss"' in line]
+    assert logs and logs[-1]["step"] == 6
     lines = D.format_table(metrics, base, methods).splitlines()
-    assert lines[0].split()[:3] == ["metric", "model", "UE"]
+    assert lines[0].split()[:4] == ["metric", "model", "UE", "REVERSE"]
     vqa_row = next(ln for ln in lines if ln.startswith("VQA accuracy")).split()
     assert vqa_row[3] == "-" and float(vqa_row[2]) == pytest.approx(metrics["vqa"]["accuracy"], abs=5e-4)
     chair_row = next(ln for ln in lines if ln.startswith("CHAIR-i")).split()

@@ -215,6 +215,10 @@ def test_reverse_flag_runs_the_resampling_loop_on_the_engine(checkpoint, tagged_
     from jaxvlm.cli import main
     from jaxvlm.data.chat_templates import encode_prompt
     from jaxvlm.data.image_processing import LlavaImageProcessor, load_image
+    from types import SimpleNamespace
+
+    from jaxvlm.data.chat_templates import get_template
+    from jaxvlm.generate.cli import assistant_header_tokens
     from jaxvlm.methods import reverse
     c = tagged_checkpoint
     torch, hf, tok = c["torch"], c["hf"], c["tok"]
@@ -243,6 +247,10 @@ def test_reverse_flag_runs_the_resampling_loop_on_the_engine(checkpoint, tagged_
 
         want = reverse.reverse_answer(hf_generate, ids, tok, threshold=1.0, temperature=0.0)
         assert r["answer"] == want.text and r["reverse_success"] == want.success
+        # the hints go before ' ASSISTANT:', however many tokens this tokenizer makes of it (LLaVA's: 5)
+        k = assistant_header_tokens(SimpleNamespace(template=get_template("vicuna_v1"), tok=tok), ids)
+        assert tok.decode(ids[-k:]).strip() == "ASSISTANT:" != tok.decode(ids[-k + 1:]).strip()
+        assert assistant_header_tokens(SimpleNamespace(template=get_template("chatml"), tok=tok), ids) == 5
         assert r["reverse_attempts"] == len(want.history)
     assert any(r["answer"] for r in rows)
     # Sampled: each question draws from keys of its own, so its answer does not depend on the batch size.

@@ -75,8 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="P(</UN>) above which a phrase is resampled (REVERSE: 0.003 captions, 0.5 yes/no)")
     p.add_argument("--reverse-max-attempts", type=int, default=50)
     p.add_argument("--reverse-local-attempts", type=int, default=10)
-    p.add_argument("--reverse-assistant-tokens", type=int, default=5,
-                   help="prompt tokens the hints go before (the original's 5: ' ASSISTANT:' in LLaVA's tokenizer)")
+    p.add_argument("--reverse-assistant-tokens", type=int, default=None,
+                   help="prompt tokens the hints go before (the original's 5, ' ASSISTANT:' in LLaVA's tokenizer; "
+                        "default: that header's length in this tokenizer for the vicuna_v1/llava_v1 templates, else 5)")
     p.add_argument("--judger", action="store_true",
                    help="JUDGER's perception (LLaVA; jaxvlm.methods.judger): the question's attention over the image "
                         "relative to a general description's picks a square crop, answered with the image and the "
@@ -480,6 +481,9 @@ def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bo
     answerer.build_engine(max(len(i) for i, _ in encoded) + 128 + 2 * a.max_new_tokens,
                           max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
     style = {"qwen2_vl": "qwen", "llava_llama3": "llama3"}.get(answerer.family, "llava")
+    n_header = a.reverse_assistant_tokens
+    if n_header is None:
+        n_header = assistant_header_tokens(answerer, encoded[0][0])
     rows = reverse.engine_rows_generator(
         answerer.engine, answerer.params, answerer.tok,
         lambda reqs: answerer.batch_of([(r.prefix, encoded[r.index][1]) for r in reqs]),
@@ -488,13 +492,26 @@ def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bo
                                       batch_size=answerer.engine.batch_size, threshold=a.reverse_threshold,
                                       temperature=a.temperature, max_attempts=a.reverse_max_attempts,
                                       local_attempts=a.reverse_local_attempts,
-                                      assistant_tokens=a.reverse_assistant_tokens, style=style)
+                                      assistant_tokens=n_header, style=style)
     ready, nxt = {}, 0
     for i, res in results:
         ready[i] = {"answer": res.text, "reverse_success": res.success, "reverse_attempts": len(res.history)}
         while nxt in ready:
             yield nxt, ready.pop(nxt)
             nxt += 1
+
+
+def assistant_header_tokens(answerer: Answerer, prompt_ids: np.ndarray) -> int:
+    """How many tokens REVERSE's hints go before: the original's 5 is ' ASSISTANT:' in LLaVA's tokenizer, so for
+    the templates ending in that header it is the header's length in this tokenizer (2 in the shapes BPE); for
+    the others (Llama-3, chatml) the original's 5."""
+    template = answerer.template
+    if template is None or template.assistant_header != "ASSISTANT:":
+        return 5
+    for k in range(1, min(len(prompt_ids), 16) + 1):
+        if answerer.tok.decode([int(i) for i in prompt_ids[-k:]]).strip() == "ASSISTANT:":
+            return k
+    return 5
 
 
 def _images_of(records: list[dict], image_of, method: str) -> list:

@@ -114,6 +114,7 @@ def train_defaults() -> Config:
                    end_lr_ratio=0.0, decay_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0),
         lora=dict(enabled=False, rank=8, alpha=16.0, dropout=0.0,
                   targets=[r"language_model/layers/(self_attn|mlp)/\w+_proj"], exclude=[r".*lm_head"]),
+        # add: tokens added to the tokenizer (tokenizer: its path, default data.tokenizer) and the vocabulary
         tokens=dict(add=[], tokenizer=None, num_new=0, init="mean_cov", trainable=True, multiple_of=8),
         data=dict(kind="synthetic",          # synthetic | npz (pre-tokenized arrays) | pipeline (jaxvlm.data)
                   path=None, image_root=None, tokenizer=None, template="vicuna_v1",

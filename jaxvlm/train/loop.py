@@ -151,6 +151,19 @@ def load_hf_params(path: str, mc: ModelConfig) -> dict:
     return convert(state, mc, dtype=np.dtype(mc.text.param_dtype))
 
 
+def run_tokenizer(cfg: Config, path: str | None = None):
+    """The run's tokenizer: `path` (default `tokens.tokenizer`, else `data.tokenizer`, else `model.init_from`)
+    with `tokens.add` added, so the data and the grown vocabulary use the same ids."""
+    from transformers import AutoTokenizer
+    path = path or cfg.tokens.tokenizer or cfg.data.tokenizer or cfg.model.get("init_from")
+    if not path:
+        raise ValueError("no tokenizer to load: set data.tokenizer (or tokens.tokenizer, or model.init_from)")
+    tok = AutoTokenizer.from_pretrained(path)
+    if cfg.tokens.add:
+        TK.add_tokens(tok, list(cfg.tokens.add))
+    return tok
+
+
 def make_data(cfg: Config, lc: ModelConfig, local_batch: int):
     d = cfg.data
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -170,9 +183,9 @@ def make_data(cfg: Config, lc: ModelConfig, local_batch: int):
         from jaxvlm.data.pipeline import make_dataset
         if not d.path or not os.path.isfile(d.path):
             raise FileNotFoundError(f"data file not found: {d.path}")
-        tok = AutoTokenizer.from_pretrained(d.tokenizer or cfg.model.init_from)
+        tok = run_tokenizer(cfg, d.tokenizer or cfg.model.init_from)
         transform = None
-        if d.reverse_labels:      # the tokenizer must already hold <SPAN>, </CN>, </UN> (tag_ids says if not)
+        if d.reverse_labels:      # the tokenizer (with tokens.add) must hold <SPAN>, </CN>, </UN> (tag_ids says if not)
             from jaxvlm.methods.reverse import dehallucination_labels, tag_ids
             transform = functools.partial(dehallucination_labels, tags=tag_ids(tok))
         return make_dataset(d.path, d.image_root, tok, d.template, image_processor(lc, d),
@@ -227,6 +240,8 @@ def export_converted(cfg: Config, lc: ModelConfig, trained: Any, spec: "LO.LoraS
     from jaxvlm.conversion.converted import save_converted
     params = LO.merge_lora(trained["base"], trained["lora"], spec) if spec is not None else trained
     tok_dir = cfg.data.get("tokenizer") or cfg.tokens.get("tokenizer")
+    if cfg.tokens.add:       # the grown tokenizer the run saved, so the exported ids match its vocabulary
+        tok_dir = os.path.join(os.path.abspath(cfg.train.workdir), "tokenizer")
     hf_files = []
     if tok_dir and os.path.isdir(tok_dir):
         hf_files = [os.path.join(tok_dir, f) for f in sorted(os.listdir(tok_dir))
@@ -311,9 +326,7 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
     if cfg.tokens.add or cfg.tokens.num_new:
         old_vocab = lc.text.vocab_size
         if cfg.tokens.add:
-            from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(cfg.tokens.tokenizer)
-            TK.add_tokens(tok, list(cfg.tokens.add))
+            tok = run_tokenizer(cfg)
             n_tokens = len(tok)
             tok.save_pretrained(os.path.join(workdir, "tokenizer"))
         else:
