@@ -316,14 +316,10 @@ def run_methods(names: Sequence[str], ckpt: pathlib.Path, world, tasks: dict, ou
         sub = {k: tasks[k] for k in method_tasks}
         preds = decode_all(model, world, sub, out, batch_size, extra=flags, predictions=f"predictions_{name.lower()}")
         results[name] = evaluate_all(preds, sub, world, out)
-        if name in ("REVERSE",):           # its answers drop the tags; CHAIR reads plain captions
-            results[name]["reverse_attempts"] = _mean_field(preds["caption"], "reverse_attempts")
+        rows = [json.loads(line) for task in method_tasks for line in open(preds[task])]
+        if rows and "reverse_attempts" in rows[0]:       # how often REVERSE resampled, for the report
+            results[name]["reverse_attempts"] = sum(r["reverse_attempts"] for r in rows) / len(rows)
     return results
-
-
-def _mean_field(path: pathlib.Path, key: str) -> float:
-    rows = [json.loads(line) for line in open(path)]
-    return sum(float(r[key]) for r in rows) / max(len(rows), 1)
 
 
 # ----------------------------------------------------------------------------- REVERSE on the shapes world
