@@ -53,9 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-test", type=int, default=WORLD["n_test"])
     p.add_argument("--checkpoint", default=None, help="use this converted checkpoint instead")
     p.add_argument("--batch-size", type=int, default=32, help="decode batch size")
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--methods", default=None,
                    help=f"decoding methods to score beside the model, comma-separated (of: {', '.join(METHODS)}; "
-                        "'' for none)")
+                        "'' for none; default: every method the family serves, REVERSE for LLaVA only)")
     p.add_argument("--save-asset", action="store_true",
                    help=f"write the trained checkpoint to {ASSET.relative_to(REPO)} (what the shipped demo uses)")
 
@@ -560,10 +560,17 @@ def main(args) -> int:
     if args.save_asset and args.family != "llava":
         raise SystemExit(f"jaxvlm demo: --save-asset writes {ASSET.relative_to(REPO)}, the LLaVA recipe's checkpoint; "
                          f"--family {args.family} has no shipped asset")
-    method_names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    # REVERSE's tuner fine-tunes with the LLaVA recipe and exports a LLaVA checkpoint
+    served = [m for m in METHODS if args.family == "llava" or m not in TUNERS]
+    given = ",".join(served) if args.methods is None else args.methods
+    method_names = [m.strip() for m in given.split(",") if m.strip()]
     unknown = [m for m in method_names if m not in METHODS]
     if unknown:
         raise SystemExit(f"jaxvlm demo: unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    unserved = [m for m in method_names if m not in served]
+    if unserved:
+        raise SystemExit(f"jaxvlm demo: {', '.join(unserved)} fine-tunes the LLaVA recipe's model; --family "
+                         f"{args.family} serves {', '.join(served)}")
     t0 = time.perf_counter()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

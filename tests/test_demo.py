@@ -238,6 +238,9 @@ def test_set_without_training_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="unknown method.*DoLa.*known: UE"):
         D.main(p.parse_args(["--out", str(tmp_path / "d"), "--methods", "UE,DoLa"]))
     assert not (tmp_path / "d").exists()
+    with pytest.raises(SystemExit, match="REVERSE fine-tunes the LLaVA recipe's model; --family qwen2_5_vl serves UE$"):
+        D.main(p.parse_args(["--out", str(tmp_path / "d"), "--family", "qwen2_5_vl", "--methods", "UE,REVERSE"]))
+    assert not (tmp_path / "d").exists()
 
 
 # The Qwen2.5-VL recipe (configs/shapes_qwen2_vl.py), reduced the same way: 8 px patches merged 2 x 2

@@ -75,4 +75,6 @@ def test_a_bad_config_names_the_problem(tmp_path):
                     config=ShapesWorldConfig(name="bad", image_size=10, n_train=2, n_val=1, n_test=1))
     with pytest.raises(ValueError, match=r"image_size must be in \[64, 224\], got 10"):
         b.download_and_prepare()
-    assert not (tmp_path / "shapes_world" / "bad" / "4.0.0" / "dataset_info.json").exists()   # nothing half-built
+    assert not list(tmp_path.rglob("dataset_info.json"))       # nothing half-built looks like a dataset
+    with pytest.raises(KeyError, match="has not been generated"):
+        b.as_data_source("train")

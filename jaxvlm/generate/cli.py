@@ -67,10 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="UE's layer prior, one weight per --ue-layers entry (e.g. its PhD prior for layers 0-7)")
     p.add_argument("--ue-relative-top", type=float, default=0.1, help="UE's plausibility filter alpha (default 0.1)")
     p.add_argument("--reverse", action="store_true",
-                   help="REVERSE's retrospective resampling (jaxvlm.methods.reverse; the tokenizer needs <SPAN>, </CN>, "
-                        "</UN>): --batch-size questions' loops share each engine call, at --temperature (REVERSE: 1.0 for LLaVA, 0 for Qwen2.5-VL, "
-                        "whose threshold was 0.01); "
-                        "answers gain 'reverse_success' and 'reverse_attempts'")
+                   help="REVERSE's retrospective resampling (jaxvlm.methods.reverse; the tokenizer needs <SPAN>, "
+                        "</CN>, </UN>): --batch-size questions' loops share each engine call, at --temperature "
+                        "(REVERSE: 1.0 for LLaVA, 0 for Qwen2.5-VL, whose threshold was 0.01); answers gain "
+                        "'reverse_success' and 'reverse_attempts'")
     p.add_argument("--reverse-threshold", type=float, default=0.003,
                    help="P(</UN>) above which a phrase is resampled (REVERSE: 0.003 captions, 0.5 yes/no)")
     p.add_argument("--reverse-max-attempts", type=int, default=50)

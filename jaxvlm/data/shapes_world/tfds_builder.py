@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from .vocab import CATEGORIES, COLOUR_NAMES, SIZE_NAMES
-from .world import SPLITS, generate_world
+from .world import GENERATOR_VERSION, SPLITS, generate_world
 
 
 @dataclasses.dataclass(eq=False)
@@ -48,8 +48,8 @@ class ShapesWorldConfig(tfds.core.BuilderConfig):
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
     """The synthetic shapes world (`jaxvlm.data.shapes_world`) as a TFDS builder."""
 
-    VERSION = tfds.core.Version("4.0.0")     # the world generator's v4 (v3's images and texts)
-    RELEASE_NOTES = {"4.0.0": "Generator v4: LLaVA records carry num_objects."}
+    VERSION = tfds.core.Version(f"{GENERATOR_VERSION}.0.0")     # the world generator's version
+    RELEASE_NOTES = {f"{GENERATOR_VERSION}.0.0": f"shapes world generator v{GENERATOR_VERSION}"}
     BUILDER_CONFIGS = [ShapesWorldConfig(name="demo", description="the world `jaxvlm demo` trains on")]
 
     def _info(self) -> tfds.core.DatasetInfo:
