@@ -31,7 +31,8 @@ def save_converted(out_dir: str | os.PathLike, cfg, params: dict, *, hf_files: I
     """Write `cfg` + `params` (numpy or jax arrays, any dtype) as a jaxvlm checkpoint directory.
 
     Written to a temporary sibling and renamed into place: an existing `out_dir` is refused unless
-    `overwrite`, and is never left half-written. `hf_files` are copied into `hf_files/`."""
+    `overwrite`, and is never left half-written. `hf_files` are copied into `hf_files/`. In a run of
+    several processes the calling process writes alone (give it host arrays: `multihost.host_tree`)."""
     import orbax.checkpoint as ocp
     leaves = jax.tree.leaves(params)
     dtypes = sorted({str(np.dtype(x.dtype)) for x in leaves})
@@ -39,7 +40,7 @@ def save_converted(out_dir: str | os.PathLike, cfg, params: dict, *, hf_files: I
             "param_dtypes": dtypes, "num_params": int(sum(int(np.prod(x.shape)) for x in leaves)),
             "source": source}
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        with ocp.Checkpointer(_low_memory_handler()) as ckptr:   # synchronous
+        with ocp.Checkpointer(_low_memory_handler(), multiprocessing_options=_this_process_only()) as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
         files = [pathlib.Path(f) for f in hf_files]
         if files:
@@ -60,7 +61,16 @@ def _low_memory_handler():
     th = ocp.type_handlers
     registry = th.create_type_handler_registry((np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
                                                (jax.Array, th.ArrayHandler()))
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False,
+                                       multiprocessing_options=_this_process_only())
+
+
+def _this_process_only():
+    """orbax synchronises every process of a multi-process run around a save; a converted checkpoint is
+    written by one process (`jaxvlm train`'s process 0) from host arrays, so it is the only one taking part."""
+    import orbax.checkpoint as ocp
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
 
 
 def read_converted_config(ckpt_dir: str | os.PathLike) -> Any:

@@ -13,10 +13,16 @@ Example:
 from __future__ import annotations
 
 import base64
+import logging
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+
+from jaxvlm.train.multihost import allgather_json
+
+log = logging.getLogger(__name__)
 
 
 def _jsonable_data_state(s: Any) -> Any:
@@ -30,6 +36,24 @@ def _data_state_from_json(s: Any) -> Any:
     if isinstance(s, dict) and set(s) == {"__bytes__"}:
         return base64.b64decode(s["__bytes__"])
     return s
+
+
+def _own_data_state(s: Any, directory: str, step: int) -> Any:
+    """A checkpoint of several processes holds each one's iterator state (orbax writes JSON from process 0
+    only, so they are gathered there first); this process takes its own."""
+    if not (isinstance(s, dict) and set(s) == {"__per_process__"}):
+        return s
+    states, n, i = s["__per_process__"], jax.process_count(), jax.process_index()
+    if len(states) == n:
+        return states[i]
+    if all(x == states[0] for x in states):
+        log.warning("checkpoint %s step %d was written by %d processes and is resumed by %d: the data "
+                    "shards differ, so the data order is not the one the run would have seen", directory,
+                    step, len(states), n)
+        return states[0]
+    raise ValueError(f"checkpoint {directory} step {step} holds the data-iterator states of {len(states)} "
+                     f"processes, which differ, and this run has {n}: resume with {len(states)} processes "
+                     f"(or start a new workdir)")
 
 
 class Checkpointer:
@@ -48,9 +72,14 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: Any = None, meta: dict | None = None,
              force: bool = False) -> bool:
-        """Starts an (async) save if `step` is due (or `force`); returns whether it did."""
+        """Starts an (async) save if `step` is due (or `force`); returns whether it did.
+
+        With several processes every one must call this at every step (the data states are gathered)."""
+        data = _jsonable_data_state(data_state)
+        if jax.process_count() > 1 and (force or self.manager.should_save(int(step))):
+            data = {"__per_process__": allgather_json(data)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(_jsonable_data_state(data_state)),
+                                  data=ocp.args.JsonSave(data),
                                   meta=ocp.args.JsonSave(meta or {}))
         return self.manager.save(int(step), args=args, force=force)
 
@@ -62,7 +91,8 @@ class Checkpointer:
         out = self.manager.restore(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
-        return out["state"], _data_state_from_json(out["data"]), out["meta"] or {}
+        data = _own_data_state(out["data"], self.directory, step)
+        return out["state"], _data_state_from_json(data), out["meta"] or {}
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

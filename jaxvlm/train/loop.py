@@ -29,6 +29,7 @@ from jaxvlm.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, QwenVisionConfig
 from jaxvlm.models.params import init_params, load_param_tree, logical_axes
 from jaxvlm.train import lora as LO
 from jaxvlm.train import mesh as M
+from jaxvlm.train import multihost as MH
 from jaxvlm.train import optim as O
 from jaxvlm.train import sharding as S
 from jaxvlm.train import sources
@@ -234,11 +235,13 @@ def _scalar(x) -> float | int:
 def export_converted(cfg: Config, lc: ModelConfig, trained: Any, spec: "LO.LoraSpec | None") -> str:
     """Final params (LoRA merged) -> a converted checkpoint with the tokenizer files beside it (and,
     for Qwen2/2.5-VL, the image processor's `preprocessor_config.json`, so `jaxvlm generate` resizes
-    images as training did)."""
+    images as training did). A collective with several processes: all gather the params, process 0 writes."""
     import tempfile
 
     from jaxvlm.conversion.converted import save_converted
-    params = LO.merge_lora(trained["base"], trained["lora"], spec) if spec is not None else trained
+    params = MH.host_tree(LO.merge_lora(trained["base"], trained["lora"], spec) if spec is not None else trained)
+    if jax.process_index() != 0:      # every process gathers (a collective); process 0 writes
+        return cfg.train.export
     tok_dir = cfg.data.get("tokenizer") or cfg.tokens.get("tokenizer")
     if cfg.tokens.add:       # the grown tokenizer the run saved, so the exported ids match its vocabulary
         tok_dir = os.path.join(os.path.abspath(cfg.train.workdir), "tokenizer")
@@ -250,7 +253,7 @@ def export_converted(cfg: Config, lc: ModelConfig, trained: Any, spec: "LO.LoraS
         if isinstance(lc, Qwen2VLConfig):
             image_processor(lc, cfg.data).hf.save_pretrained(tmp)
             hf_files.append(os.path.join(tmp, "preprocessor_config.json"))
-        save_converted(cfg.train.export, lc, jax.device_get(params), hf_files=hf_files, source="jaxvlm train",
+        save_converted(cfg.train.export, lc, params, hf_files=hf_files, source="jaxvlm train",
                        overwrite=True)
     return cfg.train.export
 
@@ -428,13 +431,17 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
                 bar.update(1)
             for h in hooks:
                 h(step, metrics)
-        if spec is not None and jax.process_index() == 0:
+        # Exports: every process gathers (the shards live on all hosts), process 0 writes, the rest wait.
+        if spec is not None:
             from jaxvlm.conversion.qwen2_vl import qwen2_vl_rules
             from jaxvlm.conversion.table import llava_rules
-            LO.export_peft(os.path.join(workdir, "adapter"), jax.device_get(state.params["lora"]), spec,
-                           qwen2_vl_rules(lc) if family == "qwen2_vl" else llava_rules(lc))
-        if cfg.train.get("export") and jax.process_index() == 0:
+            lora = MH.host_tree(state.params["lora"])
+            if jax.process_index() == 0:
+                LO.export_peft(os.path.join(workdir, "adapter"), lora, spec,
+                               qwen2_vl_rules(lc) if family == "qwen2_vl" else llava_rules(lc))
+        if cfg.train.get("export"):
             export_converted(cfg, lc, state.params, spec)
+        MH.barrier("jaxvlm train: exports written")
     finally:
         if bar:
             bar.close()
