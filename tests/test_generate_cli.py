@@ -88,6 +88,55 @@ def test_batch_mode_writes_answers_jsonl(checkpoint, capsys):
     assert sampled["3", "1"] != sampled["3", "0"]
 
 
+def test_shards_and_resume_write_the_whole_runs_answers(checkpoint, tmp_path):
+    """Sampled answers: shards 0/2 and 1/2 together, and a killed run continued with --resume (its cut-off
+    last line dropped), write exactly what one whole run writes."""
+    from jaxvlm.cli import main
+    c = checkpoint
+    base = ["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
+            "--image-folder", str(c["root"]), "--max-new-tokens", str(NEW), "--batch-size", "2",
+            "--temperature", "1.0", "--seed", "3"]
+
+    def rows(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    whole = tmp_path / "whole.jsonl"
+    assert main([*base, "--output", str(whole)]) == 0
+    want = rows(whole)
+    assert [r["question_id"] for r in want] == [7, 8, 9] and len({r["answer"] for r in want}) == 3
+    shards = []
+    for k in range(2):
+        f = tmp_path / f"shard{k}.jsonl"
+        assert main([*base, "--shard", f"{k}/2", "--output", str(f)]) == 0
+        shards.append(rows(f))
+    assert shards == [[want[0], want[2]], [want[1]]]
+
+    killed = tmp_path / "killed.jsonl"     # one answer written, the next cut off mid-line
+    killed.write_text(json.dumps(want[0]) + "\n" + json.dumps(want[1])[:25])
+    assert main([*base, "--resume", "--output", str(killed)]) == 0
+    assert rows(killed) == want
+    mtime = killed.stat().st_mtime_ns
+    assert main([*base, "--resume", "--output", str(killed)]) == 0      # nothing left: the file is untouched
+    assert rows(killed) == want and killed.stat().st_mtime_ns == mtime
+    fresh = tmp_path / "fresh.jsonl"       # --resume on a file not there yet starts it
+    assert main([*base, "--resume", "--shard", "1/2", "--output", str(fresh)]) == 0
+    assert rows(fresh) == [want[1]]
+
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(json.dumps(dict(want[0], question_id=99)) + "\n")
+    with pytest.raises(SystemExit, match="answer to 99, which is not among the questions"):
+        main([*base, "--resume", "--output", str(foreign)])
+    assert rows(foreign)[0]["question_id"] == 99                        # and it is left as it was
+    for bad in ("2/2", "1", "a/b"):
+        with pytest.raises(SystemExit, match="--shard"):
+            main([*base, "--shard", bad, "--output", str(tmp_path / "bad.jsonl")])
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"question_id": 1, "text": "a"}\n{"question_id": 1, "text": "b"}\n')
+    with pytest.raises(SystemExit, match="questions 0 and 1 share 1"):
+        main(["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(dup), "--resume",
+              "--output", str(tmp_path / "d.jsonl")])
+
+
 def test_bad_invocations(checkpoint, tmp_path):
     from jaxvlm.cli import main
     with pytest.raises(SystemExit):
@@ -264,6 +313,10 @@ def test_reverse_flag_runs_the_resampling_loop_on_the_engine(checkpoint, tagged_
         got[bs] = [json.loads(line) for line in (tmp_path / f"s{bs}.jsonl").read_text().splitlines()]
     assert got["1"] == got["3"] and len(got["1"]) == len(rows)
     assert [r["answer"] for r in got["1"]] != [r["answer"] for r in rows]       # sampled, not greedy
+    # --shard: question 1 alone samples what it samples among the others (its key is its position's)
+    args = [*sampled, "--temperature", "1.0", "--shard", "1/2", "--output", str(tmp_path / "shard.jsonl")]
+    assert main(args) == 0
+    assert [json.loads(line) for line in (tmp_path / "shard.jsonl").read_text().splitlines()] == got["1"][1:2]
     plain = [checkpoint["root"] / "q.jsonl", checkpoint["ckpt"]]
     with pytest.raises(SystemExit, match=r"--reverse: the tokenizer has no <SPAN>"):
         main(["generate", "--checkpoint", str(plain[1]), "--questions", str(plain[0]), "--image-folder",

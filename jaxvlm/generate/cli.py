@@ -9,7 +9,10 @@ the params, and `hf_files/` with the tokenizer (and image-processor) files.
 
 Batch mode reads JSONL records `{"question_id" | "id", "image", "text" | "prompt", ...}` and writes
 `{"question_id" | "id", "prompt", "answer", "model_id", ...}` per record (the eval harness reads it);
-other fields of the input record are carried over.
+other fields of the input record are carried over. Answers are written as they come, so a long run can
+be continued with `--resume` (the answers already in `--output` are kept), and split over hosts with
+`--shard K/N` (one process per host, each with its own `--output`; `cat` the files for `jaxvlm eval`):
+question i samples from its own key whatever the shard, so the answers are the unsplit run's.
 
 Families: LLaVA-1.5 / LLaVA-MORE (CLIP pixels), Qwen2-VL / Qwen2.5-VL (HF's Qwen2-VL image processor
 from `hf_files/preprocessor_config.json`, chatml, M-RoPE positions from `qwen2_vl.rope_index`), and
@@ -56,6 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampling seed: question i draws from its own key (jaxvlm.generate.question_keys), so a sampled "
                         "answer does not depend on --batch-size")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="answer questions K, K+N, K+2N, ... of --questions (0 <= K < N), e.g. one shard per host")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the answers already in --output (matched by question_id / id; a cut-off last line is "
+                        "dropped) and append the rest, instead of starting the file anew")
     p.add_argument("--max-len", type=int, default=None,
                    help="KV-cache slots (default: longest prompt + max-new-tokens, rounded up to 128)")
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
@@ -177,6 +185,57 @@ def read_questions(path: str) -> list[dict]:
     return out
 
 
+def questions_to_answer(records: list[dict], shard: str | None, resume_from: str | None) -> list[int]:
+    """Positions in `records` this run answers: those of shard "K/N" (every N-th from K), less those already
+    answered in `resume_from` (an answers JSONL this command wrote; a cut-off last line, from a killed run,
+    is cut from the file so appending continues it cleanly)."""
+    todo = list(range(len(records)))
+    if shard is not None:
+        try:
+            k, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise SystemExit(f"jaxvlm generate: --shard {shard!r}: expected K/N, e.g. 0/8") from None
+        if not 0 <= k < n:
+            raise SystemExit(f"jaxvlm generate: --shard {shard}: need 0 <= K < N")
+        todo = todo[k::n]
+    if resume_from is None:
+        return todo
+    seen: dict[str, int] = {}
+    for i, r in enumerate(records):
+        key = json.dumps(_question_key(r, i))
+        if key in seen:
+            raise SystemExit(f"jaxvlm generate: --resume matches answers to questions by question_id / id, and "
+                             f"questions {seen[key]} and {i} share {key}")
+        seen[key] = i
+    if not os.path.exists(resume_from):
+        return todo
+    done, good_bytes = set(), 0
+    with open(resume_from, "rb") as f:
+        data = f.read()
+    for line in data.splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+            if not line.endswith(b"\n") or not isinstance(row, dict):
+                raise ValueError
+        except ValueError:
+            break             # a line cut off by a killed run: it and anything after it are redone
+        key = json.dumps(row.get("question_id", row.get("id")))
+        if key not in seen:
+            raise SystemExit(f"jaxvlm generate: --resume: {resume_from} holds an answer to {key}, which is not among "
+                             f"the questions: is it another run's file?")
+        done.add(seen[key])
+        good_bytes += len(line)
+    if good_bytes < len(data):
+        with open(resume_from, "r+b") as f:
+            f.truncate(good_bytes)
+    return [i for i in todo if i not in done]
+
+
+def _question_key(rec: dict, index: int):
+    """What an answer row is matched by: the record's question_id, else its id, else its position."""
+    return rec.get("question_id", rec.get("id", index))
+
+
 # ----------------------------------------------------------------------------- batching
 
 
@@ -256,6 +315,7 @@ class Answerer:
                                      repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
                                      eos_token_ids=tuple(sorted(eos)), pad_token_id=pad)
         self.hooks = ue_hooks_from_args(args)
+        self.question_index: Sequence[int] | None = None    # the answered questions' positions in --questions
         n_layers = getattr(self.cfg, "text", self.cfg).num_layers
         for i in () if self.hooks is None else self.hooks.lens_layers:
             if not 0 <= i <= n_layers:
@@ -339,12 +399,14 @@ class Answerer:
     def answer(self, items: list[tuple[np.ndarray, Any]], seed: int, indices: Sequence[int],
                turn: int = 0) -> list[str]:
         """items: (ids [T], pixels as `encode` returns them | None) of the records `indices` -> decoded answers.
-        Each record samples from its own key (`question_keys(seed, index, turn)`), so a sampled answer does not
-        depend on the batch size."""
+        Each record samples from its own key (`question_keys(seed, i, turn)`, i its position in --questions:
+        `question_index`), so a sampled answer depends neither on the batch size nor on --shard / --resume."""
         from jaxvlm.generate import question_keys
         batch = self.batch_of(items)
+        at = self.question_index
+        keys = question_keys(seed, list(indices) if at is None else [at[i] for i in indices], turn)
         out = self.engine.generate(self.params, batch, max_new_tokens=self.args.max_new_tokens,
-                                   temperature=self.args.temperature, row_keys=question_keys(seed, indices, turn),
+                                   temperature=self.args.temperature, row_keys=keys,
                                    stop_strings=self.stop_strings, tokenizer=self.tok)
         return [self._clean(s) for s in out.texts]
 
@@ -372,6 +434,16 @@ def main(args: argparse.Namespace) -> int:
         records = read_questions(args.questions)
         folder = args.image_folder
     model_id = args.model_id or pathlib.Path(args.checkpoint).name
+    todo = list(range(len(records)))      # positions in --questions of the questions this run answers
+    if args.shard is not None or args.resume:
+        if single:
+            raise SystemExit("jaxvlm generate: --shard and --resume apply to --questions runs")
+        todo = questions_to_answer(records, args.shard, args.output if args.resume else None)
+        if not todo:
+            print("jaxvlm generate: nothing left to answer" + (f" in {args.output}" if args.resume else ""),
+                  file=sys.stderr)
+            return 0
+        records = [records[i] for i in todo]
 
     def image_of(rec):
         im = rec.get("image")
@@ -380,6 +452,7 @@ def main(args: argparse.Namespace) -> int:
     if args.reverse + args.chain_of_spot + args.judger > 1:
         raise SystemExit("jaxvlm generate: --reverse, --chain-of-spot and --judger are separate methods; pick one")
     answerer = Answerer(args.checkpoint, args)
+    answerer.question_index = todo
     if answerer.qwen_vl and (args.reverse or args.chain_of_spot or args.judger):
         raise SystemExit("jaxvlm generate: --reverse, --chain-of-spot and --judger are not served for Qwen-VL-Chat "
                          "(their originals run LLaVA or Qwen2.5-VL)")
@@ -401,9 +474,8 @@ def main(args: argparse.Namespace) -> int:
         answers = ((i, got) for chunk in _batches(list(range(len(records))), args.batch_size)
                    for i, got in zip(chunk, answer_chunk(chunk, args.seed)))
 
-    out_f = open(args.output, "w") if (args.output and not single) else None
+    out_f = open(args.output, "a" if args.resume else "w") if (args.output and not single) else None
     try:
-        n_done = 0
         bar = tqdm(total=len(records), desc="generate", unit="q", disable=single, file=sys.stderr)
         for i, got in answers:          # in the records' order
             rec = records[i]
@@ -413,14 +485,14 @@ def main(args: argparse.Namespace) -> int:
                 continue
             row = {k: v for k, v in rec.items() if k not in ("text", "prompt")}
             key = "question_id" if "question_id" in rec else "id"
-            row[key] = rec.get(key, n_done)
+            row[key] = rec.get(key, todo[i])
             row.update(prompt=question_of(rec), **got, model_id=model_id)
             line = json.dumps(row)
             if out_f:
                 out_f.write(line + "\n")
+                out_f.flush()          # what is written survives a killed run (--resume continues it)
             else:
                 print(line)
-            n_done += 1
         bar.close()
     finally:
         if out_f:
@@ -487,7 +559,7 @@ def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bo
     rows = reverse.engine_rows_generator(
         answerer.engine, answerer.params, answerer.tok,
         lambda reqs: answerer.batch_of([(r.prefix, encoded[r.index][1]) for r in reqs]),
-        max_new_tokens=a.max_new_tokens, seed=a.seed)
+        max_new_tokens=a.max_new_tokens, seed=a.seed, key_index=answerer.question_index)
     results = reverse.reverse_answers(rows, [ids for ids, _ in encoded], answerer.tok,
                                       batch_size=answerer.engine.batch_size, threshold=a.reverse_threshold,
                                       temperature=a.temperature, max_attempts=a.reverse_max_attempts,

@@ -370,13 +370,15 @@ def _resampling(prompt_ids, tokenizer, *, threshold: float = 0.003, temperature:
 
 def engine_rows_generator(engine, params, tokenizer: Any,
                           batch_of_rows: Callable[[Sequence[RowRequest]], Mapping[str, Any]], *,
-                          max_new_tokens: int, seed: int = 0) -> RowsGenerator:
+                          max_new_tokens: int, seed: int = 0,
+                          key_index: Sequence[int] | None = None) -> RowsGenerator:
     """A `RowsGenerator` over `jaxvlm.generate.Engine`: `batch_of_rows(requests)` makes the engine's batch
     of their prefixes, left-padded (ids, mask, each prompt's images; Qwen2-VL also grids and M-RoPE
     positions, e.g. `jaxvlm generate`'s ``Answerer.batch_of``). The engine must be built with
     ``Hooks(track_token_ids=(id of </UN>,))``. Attempt `a` of prompt `i` samples with the key
     `fold_in(fold_in(key(seed), i), a)`, whatever else shares its batch. A prefix whose row cannot hold
-    `max_new_tokens` more is generated alone with the room left; one with no room at all gets `OutOfRoom`."""
+    `max_new_tokens` more is generated alone with the room left; one with no room at all gets `OutOfRoom`.
+    key_index: prompt i's key is `key_index[i]`'s (e.g. its position in a larger question file); default i."""
     from jaxvlm.generate import question_keys, tracked_prob
     un = tag_ids(tokenizer)[2]
     if un not in engine.hooks.track_token_ids:
@@ -399,7 +401,8 @@ def engine_rows_generator(engine, params, tokenizer: Any,
             reqs = [requests[k] for k in ks]
             gen = engine.generate(params, dict(batch_of_rows(reqs)), max_new_tokens=n_new,
                                   temperature=[r.temperature for r in reqs],
-                                  row_keys=question_keys(seed, [r.index for r in reqs], [r.attempt for r in reqs]))
+                                  row_keys=question_keys(seed, [r.index if key_index is None else key_index[r.index]
+                                                                for r in reqs], [r.attempt for r in reqs]))
             start = int(gen.state.gen_start)
             probs = np.asarray(tracked_prob(gen.state, un, engine.hooks))
             for j, k in enumerate(ks):
