@@ -376,3 +376,20 @@ def test_judger_flag_matches_transformers_eager_attention_and_generate(checkpoin
     with pytest.raises(SystemExit, match="--judger-layer 5 is outside"):
         main(["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
               "--image-folder", str(c["root"]), "--judger", "--judger-layer", "5", "--output", str(tmp_path / "x")])
+
+
+def test_answers_are_written_in_order_and_counted_as_they_finish():
+    from jaxvlm.generate.cli import _in_order
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    bar, seen = Bar(), []
+    finished = [(2, "c"), (0, "a"), (3, "d"), (1, "b")]      # REVERSE's loops end out of order
+    for i, got in _in_order(iter(finished), bar):
+        seen.append((i, got, bar.n))
+    # question 0 is released when it finishes (2 done), 1 only when 1 does (all 4 done), then 2 and 3
+    assert seen == [(0, "a", 2), (1, "b", 4), (2, "c", 4), (3, "d", 4)]

@@ -477,9 +477,8 @@ def main(args: argparse.Namespace) -> int:
     out_f = open(args.output, "a" if args.resume else "w") if (args.output and not single) else None
     try:
         bar = tqdm(total=len(records), desc="generate", unit="q", disable=single, file=sys.stderr)
-        for i, got in answers:          # in the records' order
+        for i, got in _in_order(answers, bar):
             rec = records[i]
-            bar.update(1)
             if single:
                 print(got["answer"])
                 continue
@@ -498,6 +497,18 @@ def main(args: argparse.Namespace) -> int:
         if out_f:
             out_f.close()
     return 0
+
+
+def _in_order(answers: Iterable[tuple[int, dict]], bar) -> Iterable[tuple[int, dict]]:
+    """(index, answer) pairs as questions finish (REVERSE's loops finish out of order) -> in index order; the
+    progress bar moves as each one finishes, not when it is released."""
+    ready, nxt = {}, 0
+    for i, got in answers:
+        bar.update(1)
+        ready[i] = got
+        while nxt in ready:
+            yield nxt, ready.pop(nxt)
+            nxt += 1
 
 
 def chain_of_spot_answers(answerer: Answerer, records: list[dict], image_of, quiet: bool):
@@ -565,12 +576,8 @@ def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bo
                                       temperature=a.temperature, max_attempts=a.reverse_max_attempts,
                                       local_attempts=a.reverse_local_attempts,
                                       assistant_tokens=n_header, style=style)
-    ready, nxt = {}, 0
     for i, res in results:
-        ready[i] = {"answer": res.text, "reverse_success": res.success, "reverse_attempts": len(res.history)}
-        while nxt in ready:
-            yield nxt, ready.pop(nxt)
-            nxt += 1
+        yield i, {"answer": res.text, "reverse_success": res.success, "reverse_attempts": len(res.history)}
 
 
 def assistant_header_tokens(answerer: Answerer, prompt_ids: np.ndarray) -> int:
