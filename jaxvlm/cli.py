@@ -62,7 +62,10 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:            # the console command (not a call from Python)
+    """The console command (argv None) prints bad input's error as one message and exits 2; a call from
+    Python (argv given) raises it."""
+    console = argv is None
+    if console:
         _restart_with_malloc_tunables()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="jaxvlm", description=__doc__.splitlines()[0])
@@ -74,8 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
-    rc = importlib.import_module(SUBCOMMANDS[args.command][0]).main(args)
-    return int(rc or 0)
+    run = importlib.import_module(SUBCOMMANDS[args.command][0]).main
+    if not console or os.environ.get("JAXVLM_TRACEBACK"):
+        return int(run(args) or 0)
+    try:
+        return int(run(args) or 0)
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+        # Bad input (a path, a record, an image, a flag's value): the message names it; a traceback
+        # would bury it.
+        print(f"jaxvlm {args.command}: {e}\n(JAXVLM_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -137,6 +137,33 @@ def test_shards_and_resume_write_the_whole_runs_answers(checkpoint, tmp_path):
               "--output", str(tmp_path / "d.jsonl")])
 
 
+def test_bad_input_is_one_clear_message(checkpoint, tmp_path):
+    """An image that cannot be decoded names its question; the console command prints the message alone
+    (exit 2, no traceback); a --max-len the longest question does not fit in is refused before decoding."""
+    import os
+    import subprocess
+    import sys
+
+    from jaxvlm.cli import main
+    from jaxvlm.data.conversation import BadRecordError
+    c = checkpoint
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": 41, "image": "bad.png", "text": "What is this?"}) + "\n")
+    args = ["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(q), "--image-folder", str(tmp_path),
+            "--output", str(tmp_path / "a.jsonl")]
+    with pytest.raises(BadRecordError, match=r"record '41': image file .*bad\.png cannot be decoded"):
+        main(args)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "jaxvlm.cli", *args], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "jaxvlm generate: record '41': image file" in r.stderr and "cannot be decoded" in r.stderr
+    with pytest.raises(SystemExit, match=r"--max-len 16 is too small: the longest question's prompt takes \d+ tokens"):
+        main(["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
+              "--image-folder", str(c["root"]), "--output", str(tmp_path / "b.jsonl"), "--max-len", "16"])
+
+
 def test_bad_invocations(checkpoint, tmp_path):
     from jaxvlm.cli import main
     with pytest.raises(SystemExit):

@@ -324,20 +324,29 @@ class Answerer:
         self.args = args
         self.engine = None
 
-    def build_engine(self, longest_prompt: int, max_patches: int = 0, batch_size: int | None = None) -> None:
+    def build_engine(self, longest_prompt: int, max_patches: int = 0, batch_size: int | None = None,
+                     longest_question: int | None = None) -> None:
         """One engine (one compile) for all batches: the cache fits the longest prompt + answer
-        (Qwen2-VL: and each batch's patches are padded for `max_patches` per image)."""
+        (Qwen2-VL: and each batch's patches are padded for `max_patches` per image). longest_question:
+        the longest question's own prompt (default `longest_prompt`), which a given --max-len must fit
+        with --max-new-tokens, or nothing is decoded."""
         from jaxvlm.generate import Engine
         a = self.args
         self.max_patches = max_patches
+        need = (longest_question or longest_prompt) + a.max_new_tokens
+        if a.max_len and a.max_len < need:
+            raise SystemExit(f"jaxvlm generate: --max-len {a.max_len} is too small: the longest question's prompt "
+                             f"takes {need - a.max_new_tokens} tokens and --max-new-tokens {a.max_new_tokens} more "
+                             f"({need}); raise --max-len or leave it out (it is then sized to fit)")
         max_len = a.max_len or -(-(longest_prompt + a.max_new_tokens) // 128) * 128
         self.engine = Engine(self.model, batch_size=batch_size or a.batch_size, max_len=max_len, sampler=self.sampler,
                              **({} if self.hooks is None else {"hooks": self.hooks}))
 
-    def encode(self, prompt: str, image_path: str | None) -> tuple[np.ndarray, Any]:
-        """-> (ids [T], pixels): LLaVA pixels `[3, H, W]`, Qwen2-VL `(patches [N, D], grid_thw [3])`."""
+    def encode(self, prompt: str, image_path: str | None, record_id: Any = "?") -> tuple[np.ndarray, Any]:
+        """-> (ids [T], pixels): LLaVA pixels `[3, H, W]`, Qwen2-VL `(patches [N, D], grid_thw [3])`.
+        record_id names the question in the error for an image that is missing or cannot be decoded."""
         from jaxvlm.data.image_processing import load_image
-        image = None if image_path is None else load_image(image_path)
+        image = None if image_path is None else load_image(image_path, str(record_id))
         if self.qwen_vl:      # the original reads the image from the path inside <img>...</img>
             from jaxvlm.data.qwen_vl_tokenizer import DEFAULT_SYSTEM
             items = ([] if image_path is None else [{"image": image_path}]) + [{"text": prompt}]
@@ -464,8 +473,8 @@ def main(args: argparse.Namespace) -> int:
         elif args.chain_of_spot:
             answer_chunk = chain_of_spot_answers(answerer, records, image_of, single)
         else:
-            encoded = [answerer.encode(question_of(r), image_of(r))
-                       for r in tqdm(records, desc="encode", unit="q", disable=single, file=sys.stderr)]
+            encoded = [answerer.encode(question_of(r), image_of(r), _question_key(r, todo[k]))
+                       for k, r in enumerate(tqdm(records, desc="encode", unit="q", disable=single, file=sys.stderr))]
             answerer.build_engine(max(len(i) for i, _ in encoded),
                                   max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
 
@@ -558,11 +567,14 @@ def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bo
         un = reverse.tag_ids(answerer.tok)[2]
     except ValueError as e:
         raise SystemExit(f"jaxvlm generate: --reverse: {e}") from None
-    encoded = [answerer.encode(question_of(r), image_of(r))
-               for r in tqdm(records, desc="encode", unit="q", disable=quiet, file=sys.stderr)]
+    at = answerer.question_index
+    encoded = [answerer.encode(question_of(r), image_of(r), _question_key(r, k if at is None else at[k]))
+               for k, r in enumerate(tqdm(records, desc="encode", unit="q", disable=quiet, file=sys.stderr))]
     answerer.hooks = Hooks(track_token_ids=(un,))
-    answerer.build_engine(max(len(i) for i, _ in encoded) + 128 + 2 * a.max_new_tokens,
-                          max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
+    longest = max(len(i) for i, _ in encoded)
+    answerer.build_engine(longest + 128 + 2 * a.max_new_tokens,
+                          max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]),
+                          longest_question=longest)
     style = {"qwen2_vl": "qwen", "llava_llama3": "llama3"}.get(answerer.family, "llava")
     n_header = a.reverse_assistant_tokens
     if n_header is None:
