@@ -94,3 +94,28 @@ def test_cli_options_reach_the_metric(tmp_path):
                       "--box-format", "qwen_vl", "--option", "threshold=0.9", "--output", str(out)])
     assert rc == 0
     assert json.loads(out.read_text())["scores"]["acc@0.9"] == 1.0
+
+
+def test_cli_scores_the_shards_of_one_run_together(tmp_path, capsys):
+    """`jaxvlm generate --shard` writes one file per shard; --predictions takes them all, and a question
+    answered in two of them is an error naming both places."""
+    rows = [{"question_id": 1, "text": "Yes."}, {"question_id": 2, "text": "No."}, {"question_id": 3, "text": "Yes."}]
+    whole = _write_jsonl(tmp_path / "whole.jsonl", rows)
+    s0 = _write_jsonl(tmp_path / "s0.jsonl", [rows[0], rows[2]])
+    s1 = _write_jsonl(tmp_path / "s1.jsonl", [rows[1]])
+    a = _write_jsonl(tmp_path / "labels.jsonl", LABELS)
+    reports = {}
+    for name, files in (("whole", [whole]), ("shards", [s0, s1])):
+        out = tmp_path / f"{name}.json"
+        assert jaxvlm_main(["eval", "--metric", "pope", "--predictions", *map(str, files), "--annotations", str(a),
+                            "--output", str(out), "--per-sample"]) == 0
+        reports[name] = json.loads(out.read_text())
+    assert reports["shards"]["scores"] == reports["whole"]["scores"] and reports["whole"]["n"] == 3
+    assert reports["whole"]["scores"]["accuracy"] == pytest.approx(2 / 3)
+    assert reports["shards"]["predictions"] == [str(s0), str(s1)] and reports["whole"]["predictions"] == str(whole)
+    dup = _write_jsonl(tmp_path / "s2.jsonl", [rows[2]])
+    capsys.readouterr()
+    assert jaxvlm_main(["eval", "--metric", "pope", "--predictions", str(s0), str(s1), str(dup),
+                        "--annotations", str(a)]) == 1
+    err = capsys.readouterr().err
+    assert "duplicate prediction id '3'" in err and "s0.jsonl:2" in err and "s2.jsonl:1" in err

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "metrics:\n" + "\n".join(f"  {k:8s} {s.help}" for k, s in METRICS.items())
     parser.add_argument("--metric", required=True, choices=sorted([*METRICS, *ALIASES]))
-    parser.add_argument("--predictions", required=True, help="predictions JSONL from `jaxvlm generate`")
+    parser.add_argument("--predictions", required=True, nargs="+",
+                        help="predictions JSONL from `jaxvlm generate` (several: the files of its --shard runs)")
     parser.add_argument("--annotations", nargs="+", default=None,
                         help="ground-truth file(s); chair --mode coco takes several COCO files or a folder")
     parser.add_argument("--output", help="write the JSON report here")

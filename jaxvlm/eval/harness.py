@@ -105,6 +105,8 @@ def evaluate(
     report["notes"] = report.get("notes", []) + list(result.get("notes", []))
     if isinstance(predictions, (str, os.PathLike)):
         report["predictions"] = os.fspath(predictions)
+    elif isinstance(predictions, (list, tuple)) and all(isinstance(x, (str, os.PathLike)) for x in predictions):
+        report["predictions"] = os.fspath(predictions[0]) if len(predictions) == 1 else list(map(os.fspath, predictions))
     if per_sample:
         report["per_sample"] = result["per_sample"]
     return report

@@ -31,7 +31,7 @@ class Prediction:
     id: str
     text: str | None
     record: dict = field(repr=False)
-    line: int | None = None  # 1-based line in the source file (None for in-memory records)
+    line: int | str | None = None  # 1-based line in the source file ("file:N" when read from several files)
 
 
 def canonical_id(value: Any) -> str:
@@ -79,7 +79,8 @@ def load_predictions(
     text_key: str | Sequence[str] | None = None,
     require_text: bool = True,
 ) -> list[Prediction]:
-    """Predictions from a JSONL path or from in-memory records.
+    """Predictions from a JSONL path, several (e.g. the shards of `jaxvlm generate --shard`, read in turn;
+    `line` is then "file:N"), or in-memory records.
 
     Example:
         >>> load_predictions([{"question_id": 1, "text": "yes"}])[0].id
@@ -87,6 +88,15 @@ def load_predictions(
     """
     id_keys = (id_key,) if isinstance(id_key, str) else tuple(id_key or ID_KEYS)
     text_keys = (text_key,) if isinstance(text_key, str) else tuple(text_key or TEXT_KEYS)
+    if isinstance(predictions, (list, tuple)) and predictions and all(
+            isinstance(x, (str, os.PathLike)) for x in predictions):
+        if len(predictions) == 1:
+            predictions = predictions[0]
+        else:
+            rows = []
+            for path in map(os.fspath, predictions):
+                rows += [(f"{path}:{n}", rec, f"{path}:{n}") for n, rec in read_jsonl(path, "predictions")]
+            return _predictions(rows, "+".join(map(os.fspath, predictions)), id_keys, text_keys, require_text)
     if isinstance(predictions, (str, os.PathLike)):
         src = os.fspath(predictions)
         rows = read_jsonl(src, "predictions")
@@ -100,22 +110,28 @@ def load_predictions(
                 rows.append((i, dict(r)))
             else:
                 raise EvalInputError(f"{src} item {i}: expected a dict, got {type(r).__name__}")
+    return _predictions([(f"{src}:{n}", rec, n) for n, rec in rows], src, id_keys, text_keys, require_text)
+
+
+def _predictions(rows: list[tuple], src: str, id_keys: tuple, text_keys: tuple, require_text: bool
+                 ) -> list[Prediction]:
+    """rows: (where, record, line): `where` names the file and line in errors, `line` is the Prediction's."""
     out = []
-    for lineno, rec in rows:
+    for where, rec, line in rows:
         ik = _pick(rec, id_keys)
         if ik is None:
-            raise EvalInputError(f"{src}:{lineno}: no id field (looked for {' / '.join(id_keys)})")
+            raise EvalInputError(f"{where}: no id field (looked for {' / '.join(id_keys)})")
         tk = _pick(rec, text_keys)
         if tk is None and require_text:
-            raise EvalInputError(f"{src}:{lineno}: no answer field (looked for {' / '.join(text_keys)})")
+            raise EvalInputError(f"{where}: no answer field (looked for {' / '.join(text_keys)})")
         text = rec[tk] if tk is not None else None
         if text is not None and not isinstance(text, str):
-            raise EvalInputError(f"{src}:{lineno}: field {tk!r} should be a string, got {type(text).__name__}")
+            raise EvalInputError(f"{where}: field {tk!r} should be a string, got {type(text).__name__}")
         try:
             pid = canonical_id(rec[ik])
         except TypeError as e:
-            raise EvalInputError(f"{src}:{lineno}: {e}") from None
-        out.append(Prediction(pid, text, rec, lineno))
+            raise EvalInputError(f"{where}: {e}") from None
+        out.append(Prediction(pid, text, rec, line))
     if not out:
         raise EvalInputError(f"{src}: no predictions")
     return out
