@@ -30,7 +30,7 @@ import json
 import os
 import pathlib
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -59,8 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampling seed: question i draws from its own key (jaxvlm.generate.question_keys), so a sampled "
                         "answer does not depend on --batch-size")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shard", default=None, metavar="K/N",
-                   help="answer questions K, K+N, K+2N, ... of --questions (0 <= K < N), e.g. one shard per host")
+    p.add_argument("--shard", default=None, metavar="K/N|auto",
+                   help="answer questions K, K+N, K+2N, ... of --questions (0 <= K < N), e.g. one shard per host; "
+                        "'auto': this process's K/N from JAX_PROCESS_ID/JAX_NUM_PROCESSES (launch/gpu_slurm.sh sets "
+                        "them) or SLURM_PROCID/SLURM_NTASKS, with --output gaining '.shardK-of-N' before its suffix")
     p.add_argument("--resume", action="store_true",
                    help="keep the answers already in --output (matched by question_id / id; a cut-off last line is "
                         "dropped) and append the rest, instead of starting the file anew")
@@ -229,6 +231,22 @@ def questions_to_answer(records: list[dict], shard: str | None, resume_from: str
         with open(resume_from, "r+b") as f:
             f.truncate(good_bytes)
     return [i for i in todo if i not in done]
+
+
+def auto_shard(env: Mapping[str, str], output: str | None) -> tuple[str, str]:
+    """`--shard auto`: ("K/N", the output path with '.shardK-of-N' before its suffix) for this process of a
+    multi-process launch (JAX_PROCESS_ID / JAX_NUM_PROCESSES, else SLURM_PROCID / SLURM_NTASKS)."""
+    for k_var, n_var in (("JAX_PROCESS_ID", "JAX_NUM_PROCESSES"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if env.get(k_var) is not None and env.get(n_var) is not None:
+            k, n = int(env[k_var]), int(env[n_var])
+            break
+    else:
+        raise SystemExit("jaxvlm generate: --shard auto cannot tell this process's shard: neither JAX_PROCESS_ID/"
+                         "JAX_NUM_PROCESSES nor SLURM_PROCID/SLURM_NTASKS is set; give --shard K/N")
+    if not output:
+        raise SystemExit("jaxvlm generate: --shard auto needs --output (each shard writes a file of its own)")
+    stem, ext = os.path.splitext(output)
+    return f"{k}/{n}", f"{stem}.shard{k}-of-{n}{ext}"
 
 
 def _question_key(rec: dict, index: int):
@@ -444,6 +462,8 @@ def main(args: argparse.Namespace) -> int:
         folder = args.image_folder
     model_id = args.model_id or pathlib.Path(args.checkpoint).name
     todo = list(range(len(records)))      # positions in --questions of the questions this run answers
+    if args.shard == "auto":
+        args.shard, args.output = auto_shard(os.environ, args.output)
     if args.shard is not None or args.resume:
         if single:
             raise SystemExit("jaxvlm generate: --shard and --resume apply to --questions runs")
