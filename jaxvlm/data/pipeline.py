@@ -26,6 +26,10 @@ therefore number ``sum(image_valid) * tokens_per_image``, not ``B*S*tokens_per_i
 cumulative index then never reaches the padding slots. (``Llava.__call__``'s host-side ``check_image_tokens``
 compares against ``pixel_values.shape[0]``, so pass only the valid slots when calling it eagerly.)
 
+Packing (``pack=True``): rows hold several samples each (first-fit); ``attention_mask`` holds each token's sample
+(1, 2, ... ; 0 on padding), ``S`` is ``images_per_row`` and a row's valid slots are its samples' images in order
+(``num_images`` counts them). The LM restricts attention to each sample and restarts its positions.
+
 Bad records (``on_bad_record``): a missing or undecodable image, more images than slots, a mismatch between
 ``<image>`` placeholders and images, malformed turns, or a sample whose truncation to ``max_len`` would cut
 through image tokens raise `BadRecordError` naming the record id (and path) with ``"error"``; with ``"skip"``
@@ -186,10 +190,48 @@ class Pipeline:
     dataset: grain.IterDataset
     skipped: SkipLog
     num_records: int          # records in this host's shard (per epoch)
-    steps_per_epoch: int      # batches per epoch on this host when nothing is skipped
+    steps_per_epoch: int      # batches per epoch on this host when nothing is skipped (unpacked)
 
     def __iter__(self):
         return iter(self.dataset)
+
+
+def pack_samples(samples: grain.IterDataset, max_len: int, images_per_row: int, pad_token_id: int, *,
+                 bins: int = 8, seed: int = 0) -> grain.IterDataset:
+    """Padded samples (`SampleBuilder`'s) -> rows of several samples each (grain's `FirstFitPackIterDataset`:
+    a sample goes to the first of `bins` rows with room for its tokens and images; when one does not fit, the
+    rows are emitted). ``attention_mask`` becomes the segment ids (1, 2, ... per sample, 0 on padding) and
+    the image slots hold the row's images in order; see `make_dataset`. Checkpointable like the rest."""
+    from grain import experimental as gx
+
+    def unpad(x: dict) -> dict:
+        n_tok, n_img = int(x["attention_mask"].sum()), int(x["num_images"])
+        out = {"input_ids": x["input_ids"][:n_tok], "labels": x["labels"][:n_tok].copy()}
+        out["labels"][0] = ct.IGNORE_INDEX     # never predicted from the previous sample's last token
+        if images_per_row:
+            if n_img > images_per_row:
+                raise ValueError(f"a sample has {n_img} images but images_per_row={images_per_row}")
+            out["pixel_values"], out["image_valid"] = x["pixel_values"][:n_img], x["image_valid"][:n_img]
+        return out
+
+    lengths = {"input_ids": max_len, "labels": max_len}
+    padding = {"input_ids": pad_token_id, "labels": ct.IGNORE_INDEX}
+    if images_per_row:
+        lengths.update(pixel_values=images_per_row, image_valid=images_per_row)
+        padding.update(pixel_values=0.0, image_valid=False)
+    packed = gx.FirstFitPackIterDataset(samples.map(unpad), length_struct=lengths, num_packing_bins=bins,
+                                        seed=seed, shuffle_bins=False, padding_struct=padding)
+
+    def to_contract(x: dict) -> dict:
+        out = {"input_ids": x["input_ids"], "attention_mask": x["input_ids_segment_ids"].astype(np.int32),
+               "labels": x["labels"]}
+        if images_per_row:
+            out.update(pixel_values=x["pixel_values"], image_valid=x["image_valid"].astype(bool),
+                       num_images=np.int32(x["image_valid"].sum()))
+        else:
+            out["num_images"] = np.int32(0)
+        return out
+    return packed.map(to_contract)
 
 
 def _flatten_slots(batch: dict[str, np.ndarray], slot_keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -246,7 +288,8 @@ def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root:
                  shuffle: bool = True, on_bad_record: str = "error", even_shards: bool = True,
                  drop_remainder: bool = True, num_threads: int = 8, prefetch: int = 64,
                  curriculum: Sequence[Sequence[float]] = (), curriculum_key: str = "num_objects",
-                 label_transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Pipeline:
+                 label_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                 pack: bool = False, images_per_row: int | None = None, pack_bins: int = 8) -> Pipeline:
     """Build the training data pipeline (see the module docstring for the batch contract).
 
     records_path: LLaVA-format JSON/JSONL file, or already-loaded `Record`s. image_root: prefix for image paths.
@@ -258,6 +301,11 @@ def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root:
     start; the iterator state still resumes at exactly the next batch.
     label_transform: `[T]` labels -> `[T]` labels of each encoded sample, before truncation (a method's own
     targets, e.g. `jaxvlm.methods.reverse.dehallucination_labels`).
+    pack: put several samples in each row (grain's first-fit packing over `pack_bins` rows at a time) instead
+    of padding each one to ``max_len``: ``attention_mask`` then holds each token's sample, 1, 2, ... (0 on
+    padding), which the LM reads as segments (each sample attends to itself, its positions start at 0), and a
+    row's image slots (``images_per_row``, default ``images_per_sample``) hold its samples' images in order.
+    LLaVA templates only (Qwen's M-RoPE positions are per sample). The batch contract is otherwise the same.
     """
     if shard_index is None or shard_count is None:
         import jax
@@ -298,7 +346,12 @@ def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root:
     ds = ds.map(builder)               # None (a skipped record) is dropped by the iterator
     slot_keys = _SLOT_KEYS + (("image_grid_thw",) if images_per_sample and
                               "image_grid_thw" in image_processor.empty().fields else ())
-    it_ds = (ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
-             .batch(batch_size, drop_remainder=drop_remainder)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    if pack:
+        if builder.template.name == "chatml" or len(slot_keys) > len(_SLOT_KEYS):
+            raise ValueError("pack=True packs LLaVA-template samples; Qwen2/2.5-VL's M-RoPE positions are per sample")
+        it_ds = pack_samples(it_ds, max_len, images_per_row or images_per_sample, builder.pad_token_id,
+                             bins=pack_bins, seed=seed)
+    it_ds = (it_ds.batch(batch_size, drop_remainder=drop_remainder)
              .map(functools.partial(_flatten_slots, slot_keys=slot_keys)))
     return Pipeline(it_ds, skipped, num_records, num_records // batch_size)

@@ -474,6 +474,29 @@ def causal_mask(q_slots: Array, kv_valid: Array) -> Array:
     return (s[None, None, :] <= q[:, :, None])[:, None] & kv_valid[:, None, None, :].astype(bool)
 
 
+def segment_mask(segment_ids: Array) -> Array:
+    """Bool `[B, 1, T, T]` for packed rows (`segment_ids [B, T]`: 1, 2, ... per sample, 0 on padding): a
+    query sees only keys of its own segment. Padding queries are left unrestricted, so a 0/1 mask changes
+    nothing: combine with `causal_mask`, which hides padding keys."""
+    q, k = segment_ids[:, :, None], segment_ids[:, None, :]
+    return ((q == k) | (q == 0))[:, None]
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """`[B, T]` -> int32 `[B, T]`: each token's place in its segment (a run of one id; padding between the
+    tokens of one segment is skipped, so a 0/1 mask gives `cumsum(mask) - 1`, as HF `generate` does);
+    1 on padding."""
+    valid = segment_ids > 0
+    count = jnp.cumsum(valid, -1)
+    t = jnp.arange(segment_ids.shape[-1])
+    last = jax.lax.cummax(jnp.where(valid, t, -1), axis=segment_ids.ndim - 1)
+    prev = jnp.concatenate([jnp.full_like(last[..., :1], -1), last[..., :-1]], -1)    # last real token before t
+    prev_id = jnp.where(prev >= 0, jnp.take_along_axis(segment_ids, jnp.maximum(prev, 0), -1), 0)
+    start = valid & (segment_ids != prev_id)
+    base = jax.lax.cummax(jnp.where(start, count - 1, 0), axis=segment_ids.ndim - 1)
+    return jnp.where(valid, count - 1 - base, 1).astype(jnp.int32)
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with optional rotary and KV cache.
 

@@ -252,8 +252,11 @@ class DecoderLM(nn.Module):
         """Run the LM.
 
         input_ids `[B, T]` or inputs_embeds `[B, T, D]`.
-        attention_mask: `[B, T]` (no cache) or `[B, S]` over cache slots (with cache), 1 = real token.
-        positions: `[B, T]` (or `[3, B, T]` M-RoPE); default `cumsum(mask) - 1` as HF `generate` does.
+        attention_mask: `[B, T]` (no cache) or `[B, S]` over cache slots (with cache), 1 = real token;
+            without a cache also segment ids 1, 2, ... of the samples packed in a row (0 = padding): each
+            token attends within its own sample only.
+        positions: `[B, T]` (or `[3, B, T]` M-RoPE); default each token's place in its segment, which for a
+            0/1 mask is `cumsum(mask) - 1` as HF `generate` does.
         cache: `(k, v)` each `[L, B*K, S, Dh]` (`scan_layers=False`: each a tuple of L `[B*K, S, Dh]`);
             the T new tokens are written at slots `cache_index .. cache_index + T - 1` and attend to
             every valid earlier slot.
@@ -276,11 +279,11 @@ class DecoderLM(nn.Module):
         else:
             if attention_mask is None:
                 attention_mask = jnp.ones((b, t), jnp.int32)
-            mask = L.causal_mask(jnp.arange(t), attention_mask)
+            mask = L.causal_mask(jnp.arange(t), attention_mask) & L.segment_mask(attention_mask)
         if positions is None:
             if cache is not None:
                 raise ValueError("pass explicit positions when decoding with a cache")
-            positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, -1) - 1, 1)
+            positions = L.segment_positions(attention_mask)
         q_scale = None
         if not train and cfg.rope_ntk_len is not None and ntk_seq_len is None:
             ntk_seq_len = t if cache is None else cache_index + t

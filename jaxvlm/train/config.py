@@ -122,7 +122,10 @@ def train_defaults() -> Config:
                   min_pixels=None, max_pixels=None,    # qwen2_vl: smart_resize bounds (None: HF's defaults)
                   curriculum=[],                       # pipeline: [[until_step, max_value], ...], easy records
                   curriculum_key="num_objects",        # first (jaxvlm.data.pipeline.curriculum_order)
-                  reverse_labels=False),               # pipeline: REVERSE's span masking of the targets
+                  reverse_labels=False,                # pipeline: REVERSE's span masking of the targets
+                  pack=False,                          # pipeline: several samples per row (LLaVA templates)
+                  images_per_row=0,                    # pack: image slots a row (0: seq_len // tokens per image)
+                  pack_bins=8),                        # pack: rows filled first-fit at a time
         train=dict(steps=100, accum_steps=1, seed=0, log_every=10, workdir="runs/default",
                    export=None,              # dir: write the final (LoRA-merged) params as a converted
                                              # checkpoint `jaxvlm generate --checkpoint` reads

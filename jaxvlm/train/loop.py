@@ -168,6 +168,8 @@ def run_tokenizer(cfg: Config, path: str | None = None):
 def make_data(cfg: Config, lc: ModelConfig, local_batch: int):
     d = cfg.data
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    if d.pack and d.kind != "pipeline":
+        raise ValueError(f"data.pack packs the record pipeline's samples; data.kind={d.kind!r} makes its own rows")
     if d.kind == "synthetic":
         if isinstance(lc, Qwen2VLConfig):
             raise ValueError("data.kind='synthetic' makes LLaVA batches; train model.family='qwen2_vl' on "
@@ -193,8 +195,18 @@ def make_data(cfg: Config, lc: ModelConfig, local_batch: int):
                             max_len=d.seq_len, images_per_sample=d.images_per_sample, batch_size=local_batch,
                             seed=d.seed, image_token_id=lc.image_token_id,
                             curriculum=d.curriculum or (), curriculum_key=d.curriculum_key,
-                            label_transform=transform, **shard)
+                            label_transform=transform, pack=d.pack, pack_bins=d.pack_bins,
+                            images_per_row=_images_per_row(d, lc) if d.pack else None, **shard)
     raise ValueError(f"unknown data.kind {d.kind!r}; known: synthetic, npz, pipeline")
+
+
+def _images_per_row(d, lc: ModelConfig) -> int:
+    """Image slots of a packed row: `data.images_per_row`, else as many images as fit in `seq_len`."""
+    if not d.images_per_sample:
+        return 0
+    if isinstance(lc, Qwen2VLConfig):
+        raise ValueError("data.pack packs LLaVA samples; Qwen2/2.5-VL's M-RoPE positions are per sample")
+    return d.images_per_row or max(d.images_per_sample, d.seq_len // lc.tokens_per_image)
 
 
 class MetricsWriter:
