@@ -66,3 +66,17 @@ def llava_record(i: int, images: list[str]) -> dict:
     if images:
         rec["image"] = images[0] if len(images) == 1 else images
     return rec
+
+
+def write_mixed_records(d: pathlib.Path, n: int) -> tuple[pathlib.Path, pathlib.Path]:
+    """n records under d: every 6th text-only, every 6th+1 with two images, the rest one image (mixed aspect
+    ratios, in d/img). -> (d, the records file)."""
+    (d / "img").mkdir()
+    records = []
+    for i in range(n):
+        k_images = 0 if i % 6 == 0 else 2 if i % 6 == 1 else 1
+        names = [f"{i}_{k}.png" for k in range(k_images)]
+        for k, name in enumerate(names):
+            write_image(d / "img" / name, 12 + 3 * (i % 5), 20 - (i % 4), seed=10 * i + k)
+        records.append(llava_record(i, names))
+    return d, write_records(d / "train.jsonl", records)

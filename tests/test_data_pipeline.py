@@ -10,7 +10,7 @@ from jaxvlm.data import chat_templates as ct
 from jaxvlm.data.conversation import BadRecordError, DataFileError, load_records
 from jaxvlm.data.image_processing import LlavaImageProcessor, Qwen2VLImageProcessor, expand_to_square
 from jaxvlm.data.pipeline import make_dataset
-from data_utils import build_tokenizer, llava_record, write_image, write_records
+from data_utils import build_tokenizer, llava_record, write_image, write_mixed_records, write_records
 
 N, B, S, T, TPI, IMG = 24, 4, 2, 112, 4, 16   # records, batch, image slots, max_len, tokens/image, image side
 IMAGE_ID = 4                                   # "<image>" in the test tokenizer (a model config would give it)
@@ -29,16 +29,7 @@ def proc():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """24 records: every 6th text-only, every 6th+1 with two images, the rest one image (mixed aspect ratios)."""
-    d = tmp_path_factory.mktemp("llava")
-    (d / "img").mkdir()
-    records = []
-    for i in range(N):
-        n = 0 if i % 6 == 0 else 2 if i % 6 == 1 else 1
-        names = [f"{i}_{k}.png" for k in range(n)]
-        for k, name in enumerate(names):
-            write_image(d / "img" / name, 12 + 3 * (i % 5), 20 - (i % 4), seed=10 * i + k)
-        records.append(llava_record(i, names))
-    return d, write_records(d / "train.jsonl", records)
+    return write_mixed_records(tmp_path_factory.mktemp("llava"), N)
 
 
 def make(world, tok, proc, **kw):

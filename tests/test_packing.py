@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_utils import build_tokenizer, llava_record, write_image, write_records
+from data_utils import build_tokenizer, write_mixed_records
 from jaxvlm.data import chat_templates as ct
 from jaxvlm.models import layers as L
 
@@ -48,16 +48,7 @@ def test_segment_positions_and_mask():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """18 records: every 6th text-only, every 6th+1 with two images, the rest one."""
-    d = tmp_path_factory.mktemp("pack")
-    (d / "img").mkdir()
-    records = []
-    for i in range(18):
-        n = 0 if i % 6 == 0 else 2 if i % 6 == 1 else 1
-        names = [f"{i}_{k}.png" for k in range(n)]
-        for k, name in enumerate(names):
-            write_image(d / "img" / name, 12 + 3 * (i % 5), 20 - (i % 4), seed=10 * i + k)
-        records.append(llava_record(i, names))
-    return d, write_records(d / "train.jsonl", records)
+    return write_mixed_records(tmp_path_factory.mktemp("pack"), 18)
 
 
 @pytest.fixture(scope="module")

@@ -343,7 +343,8 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
         if cfg.tokens.add:
             tok = run_tokenizer(cfg)
             n_tokens = len(tok)
-            tok.save_pretrained(os.path.join(workdir, "tokenizer"))
+            if jax.process_index() == 0:     # one writer on a shared filesystem; process 0 exports with it
+                tok.save_pretrained(os.path.join(workdir, "tokenizer"))
         else:
             n_tokens = old_vocab + int(cfg.tokens.num_new)
         lc, params = TK.grow_llava_vocab(lc, jax.device_get(params), n_tokens, k_tok, cfg.tokens.init,
