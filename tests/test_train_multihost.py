@@ -38,7 +38,8 @@ def _starts(workdir) -> list[dict]:
 def _sets(tmp_path, workdir, steps: int) -> list[str]:
     return ["mesh.fsdp=2", "mesh.data=-1",
             f"train.steps={steps}", "optim.total_steps=6", "checkpoint.every=3", "train.log_every=1",
-            "lora.enabled=True", "lora.rank=4", f"train.workdir={workdir}", f"train.export={workdir}_export"]
+            "lora.enabled=True", "lora.rank=4", "train.fast_compile=True", f"train.workdir={workdir}",
+            f"train.export={workdir}_export"]
 
 
 def _two_processes(tmp_path, workdir, steps: int) -> None:
