@@ -165,3 +165,20 @@ def test_optimizer_groups_state_shardings(setup):
             assert s.spec == jax.sharding.PartitionSpec(), key
     n_params = len(flat_p)
     assert followed == 2 * n_params          # mu and nu of every parameter, in whichever group
+
+
+@pytest.mark.parametrize("shape,process_of,ok", [
+    ((4, 2, 1), lambda d: d.id // 4, True),       # data x fsdp across the two hosts
+    ((2, 2, 2), lambda d: d.id // 4, True),       # tensor pairs within a host
+    ((2, 2, 2), lambda d: d.id % 2, False),       # each tensor pair spans both hosts: both hold every row
+    ((1, 1, 8), lambda d: d.id // 4, False),      # the batch replicated over a tensor axis across hosts
+])
+def test_each_host_must_hold_its_own_rows(shape, process_of, ok):
+    """Multi-host: each process feeds batch/processes rows of its own, so the mesh must give each host's
+    devices exactly that many distinct rows (`check_process_batches` turns the rest into an error)."""
+    mesh = M.make_mesh(M.MeshConfig.from_shape(shape))
+    index_map = S.batch_sharding(mesh).devices_indices_map((8,))
+    held = S.process_batch_rows(index_map, {d: process_of(d) for d in index_map}, 8)
+    assert sorted(held) == [0, 1]
+    fine = all(len(r) == 4 for r in held.values()) and not held[0] & held[1]
+    assert fine == ok, held

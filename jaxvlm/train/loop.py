@@ -303,6 +303,7 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
                          f"of the data-parallel size {dp}")
     if gbs % jax.process_count():
         raise ValueError(f"data.batch_size={gbs} is not divisible by the {jax.process_count()} processes")
+    S.check_process_batches(mesh, gbs)
     rules = S.make_rules(cfg.sharding.preset, cfg.sharding.overrides)
     family = family_of(cfg)
     lc = model_config(cfg)

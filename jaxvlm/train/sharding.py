@@ -164,6 +164,35 @@ def check_batch(batch: Mapping[str, Any], mesh: Mesh) -> None:
                              f"size (and image slots) that is a multiple of {dp}")
 
 
+def process_batch_rows(index_map: Mapping[Any, Any], process_of: Mapping[Any, int], rows: int) -> dict[int, set]:
+    """Which rows of a `[rows, ...]` batch each process's devices hold: `index_map` is a sharding's
+    `devices_indices_map((rows,))`, `process_of` each device's process. -> {process: {row, ...}}."""
+    held: dict[int, set] = {}
+    for dev, idx in index_map.items():
+        sl = idx[0] if isinstance(idx, tuple) else idx
+        held.setdefault(process_of[dev], set()).update(range(*sl.indices(rows)))
+    return held
+
+
+def check_process_batches(mesh: Mesh, global_batch: int) -> None:
+    """Each process reads `global_batch / process_count` rows of its own (its data shard); the mesh must then
+    give each process's devices that many distinct rows, disjoint from the others'. A mesh whose tensor axis
+    (or a part of data x fsdp) spans hosts breaks that: a clear error instead of a silently wrong batch."""
+    n = jax.process_count()
+    if n == 1:
+        return
+    index_map = batch_sharding(mesh).devices_indices_map((global_batch,))
+    held = process_batch_rows(index_map, {d: d.process_index for d in index_map}, global_batch)
+    want = global_batch // n
+    bad = {p: len(r) for p, r in held.items() if len(r) != want}
+    overlap = sum(len(r) for r in held.values()) != global_batch
+    if bad or overlap:
+        raise ValueError(f"the mesh {dict(mesh.shape)} gives the {n} processes {sorted((p, len(r)) for p, r in held.items())} "
+                         f"(process, rows) of the global batch of {global_batch}, but each process reads {want} rows "
+                         f"of its own: put the data/fsdp axes across hosts (mesh.dcn_data / mesh.dcn_fsdp) and keep "
+                         f"the tensor axis within a host")
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     """Host numpy batch (this process's part of the global batch) -> global sharded jax arrays."""
     check_batch(batch, mesh) if jax.process_count() == 1 else None
