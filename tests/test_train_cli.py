@@ -57,3 +57,9 @@ def test_npz_missing_arrays(tmp_path, capsys):
 def test_missing_config_file(tmp_path, capsys):
     rc = main(["train", "--config", str(tmp_path / "nope.py")])
     assert rc == 2 and "config file not found" in capsys.readouterr().err
+
+
+def test_url_workdir_is_refused(tmp_path, capsys):
+    rc, err = run(tmp_path, capsys, "train.export='gs://bucket/run/export'")
+    assert rc == 2 and "train.export='gs://bucket/run/export': a URL" in err and "gcsfuse" in err
+    assert not (tmp_path / "w").exists()

@@ -290,6 +290,10 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
     """Run (or resume) training as configured; returns a summary dict. `hooks(step, metrics)` run
     after every step (host side)."""
     t_setup = time.time()
+    for key in ("workdir", "export"):
+        if "://" in str(cfg.train.get(key) or ""):
+            raise ValueError(f"train.{key}={cfg.train[key]!r}: a URL; give a local path every host sees (for a bucket, "
+                             f"mount it, e.g. with gcsfuse)")
     workdir = os.path.abspath(cfg.train.workdir)
     os.makedirs(workdir, exist_ok=True)
     mesh = M.make_mesh(M.MeshConfig(**cfg.mesh))
