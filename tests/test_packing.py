@@ -115,6 +115,28 @@ def test_packed_rows_hold_every_sample_once_as_built(world, tok):
     assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
+def test_qwen_rows_pack_their_grids_and_token_types(world, tok):
+    """chatml + the Qwen2-VL processor: packed rows carry each image's grid and patches in its slot and the
+    token types of their samples, and hold every record once."""
+    from jaxvlm.data.image_processing import Qwen2VLImageProcessor
+    qproc = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56)
+    kw = dict(template="chatml", image_processor=qproc, image_token_id=None, batch_size=1)
+    plain = [b for b in make(world, tok, False, **kw)]
+    packed = [b for b in make(world, tok, True, **kw)]
+    assert len(packed) < len(plain) == 18
+    pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    n_seg = 0
+    for b in packed:
+        grid, seg = b["image_grid_thw"], b["attention_mask"][0]
+        assert grid.shape == (ROW_IMAGES, 3) and np.all((grid[:, 0] > 0) == b["image_valid"])
+        np.testing.assert_array_equal(b["mm_token_type_ids"][0], (b["input_ids"][0] == pad_id) & (seg > 0))
+        assert (b["input_ids"][0] == pad_id).sum() == (grid.prod(1) // 4).sum()
+        n_seg += seg.max()
+    assert n_seg == 18
+    grids = [g for b in plain for g in b["image_grid_thw"] if g[0]]
+    assert np.array_equal(np.concatenate([b["image_grid_thw"][b["image_valid"]] for b in packed]), np.stack(grids))
+
+
 def test_packing_refuses_what_it_cannot_pack(world, tok):
     with pytest.raises(ValueError, match="a sample has 2 images but images_per_row=1"):
         list(make(world, tok, True, images_per_row=1))

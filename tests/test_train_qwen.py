@@ -127,6 +127,38 @@ def test_slot_batch_equals_the_packed_forward(setup):
     assert int(metrics["num_tokens"]) == int(((b["labels"][:, 1:]) != -100).sum())
 
 
+def test_packed_row_computes_each_samples_own_logits(setup):
+    """Qwen2.5-VL with packing (`data.pack`): samples of 1, 2 and 1 images in one row, attention_mask holding
+    their segment ids and the row's 4 slots their images in order. M-RoPE runs on across the row, which
+    changes nothing within a sample (rotary is relative in each section); the segment mask does the rest."""
+    b, model, p = setup["batch"], setup["model"], setup["params"]
+    forward = jax.jit(lambda p, ids, pix, grid, tt, mask: model.apply(
+        {"params": p}, ids, pix, grid, mm_token_type_ids=tt, attention_mask=mask).logits)
+    picks, row_slots = [1, 2, 4], 4
+    lens = [int(b["attention_mask"][i].sum()) for i in picks]
+    width = sum(lens) + 6
+    ids, seg, tt = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
+    pix = np.zeros((row_slots,) + b["pixel_values"].shape[1:], np.float32)
+    grid = np.zeros((row_slots, 3), np.int32)
+    at, slot = 0, 0
+    for k, (i, n) in enumerate(zip(picks, lens)):
+        ids[0, at:at + n], tt[0, at:at + n] = b["input_ids"][i, :n], b["mm_token_type_ids"][i, :n]
+        seg[0, at:at + n] = k + 1
+        for j in range(i % 3):
+            pix[slot], grid[slot] = b["pixel_values"][i * SLOTS + j], b["image_grid_thw"][i * SLOTS + j]
+            slot += 1
+        at += n
+    assert slot == 4
+    got = np.asarray(forward(p, *(jnp.asarray(x) for x in (ids, pix, grid, tt, seg))))[0]
+    for k, (i, n) in enumerate(zip(picks, lens)):
+        mine = slice(i * SLOTS, (i + 1) * SLOTS)
+        alone = np.asarray(forward(p, *(jnp.asarray(x) for x in (
+            b["input_ids"][i:i + 1, :n], b["pixel_values"][mine], b["image_grid_thw"][mine],
+            b["mm_token_type_ids"][i:i + 1, :n], np.ones((1, n), np.int32)))))[0]
+        scale = np.abs(alone).max()
+        assert np.abs(got[seg[0] == k + 1] - alone).max() <= 1e-5 * scale, i
+
+
 def test_sharded_accumulated_step_matches_single_device(setup, capfd):
     """data x fsdp x tensor = 2 x 2 x 2 with 2 micro-batches (each splits the image slots with their
     samples) == one device, one batch: losses and updated parameters; the tower's rows shard with the

@@ -197,39 +197,37 @@ class Pipeline:
 
 
 def pack_samples(samples: grain.IterDataset, max_len: int, images_per_row: int, pad_token_id: int, *,
-                 bins: int = 8, seed: int = 0) -> grain.IterDataset:
+                 bins: int = 8, seed: int = 0, token_keys: Sequence[str] = ("input_ids", "labels"),
+                 slot_keys: Sequence[str] = _SLOT_KEYS) -> grain.IterDataset:
     """Padded samples (`SampleBuilder`'s) -> rows of several samples each (grain's `FirstFitPackIterDataset`:
     a sample goes to the first of `bins` rows with room for its tokens and images; when one does not fit, the
     rows are emitted). ``attention_mask`` becomes the segment ids (1, 2, ... per sample, 0 on padding) and
-    the image slots hold the row's images in order; see `make_dataset`. Checkpointable like the rest."""
+    the image slots hold the row's images in order; see `make_dataset`. Checkpointable like the rest.
+    token_keys: the `[T]` features (Qwen's chatml adds ``mm_token_type_ids``); slot_keys: the per-image ones
+    (Qwen's processors add ``image_grid_thw``)."""
     from grain import experimental as gx
+    slot_keys = tuple(slot_keys) if images_per_row else ()
+    pads = {"input_ids": pad_token_id, "labels": ct.IGNORE_INDEX, "image_valid": False}
 
     def unpad(x: dict) -> dict:
         n_tok, n_img = int(x["attention_mask"].sum()), int(x["num_images"])
-        out = {"input_ids": x["input_ids"][:n_tok], "labels": x["labels"][:n_tok].copy()}
+        if n_img > images_per_row:
+            raise ValueError(f"a sample has {n_img} images but images_per_row={images_per_row}")
+        out = {k: x[k][:n_tok].copy() for k in token_keys}
         out["labels"][0] = ct.IGNORE_INDEX     # never predicted from the previous sample's last token
-        if images_per_row:
-            if n_img > images_per_row:
-                raise ValueError(f"a sample has {n_img} images but images_per_row={images_per_row}")
-            out["pixel_values"], out["image_valid"] = x["pixel_values"][:n_img], x["image_valid"][:n_img]
+        out.update({k: x[k][:n_img] for k in slot_keys})
         return out
 
-    lengths = {"input_ids": max_len, "labels": max_len}
-    padding = {"input_ids": pad_token_id, "labels": ct.IGNORE_INDEX}
-    if images_per_row:
-        lengths.update(pixel_values=images_per_row, image_valid=images_per_row)
-        padding.update(pixel_values=0.0, image_valid=False)
-    packed = gx.FirstFitPackIterDataset(samples.map(unpad), length_struct=lengths, num_packing_bins=bins,
-                                        seed=seed, shuffle_bins=False, padding_struct=padding)
+    lengths = {**{k: max_len for k in token_keys}, **{k: images_per_row for k in slot_keys}}
+    packed = gx.FirstFitPackIterDataset(samples.map(unpad), length_struct=lengths, num_packing_bins=bins, seed=seed,
+                                        shuffle_bins=False, padding_struct={k: pads.get(k, 0) for k in lengths})
 
     def to_contract(x: dict) -> dict:
-        out = {"input_ids": x["input_ids"], "attention_mask": x["input_ids_segment_ids"].astype(np.int32),
-               "labels": x["labels"]}
-        if images_per_row:
-            out.update(pixel_values=x["pixel_values"], image_valid=x["image_valid"].astype(bool),
-                       num_images=np.int32(x["image_valid"].sum()))
-        else:
-            out["num_images"] = np.int32(0)
+        out = {k: x[k] for k in (*token_keys, *slot_keys)}
+        out["attention_mask"] = x["input_ids_segment_ids"].astype(np.int32)
+        if slot_keys:
+            out["image_valid"] = x["image_valid"].astype(bool)
+        out["num_images"] = np.int32(out["image_valid"].sum() if slot_keys else 0)
         return out
     return packed.map(to_contract)
 
@@ -305,7 +303,7 @@ def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root:
     of padding each one to ``max_len``: ``attention_mask`` then holds each token's sample, 1, 2, ... (0 on
     padding), which the LM reads as segments (each sample attends to itself, its positions start at 0), and a
     row's image slots (``images_per_row``, default ``images_per_sample``) hold its samples' images in order.
-    LLaVA templates only (Qwen's M-RoPE positions are per sample). The batch contract is otherwise the same.
+    The batch contract is otherwise the same (Qwen's ``mm_token_type_ids`` and ``image_grid_thw`` packed too).
     """
     if shard_index is None or shard_count is None:
         import jax
@@ -348,10 +346,9 @@ def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root:
                               "image_grid_thw" in image_processor.empty().fields else ())
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     if pack:
-        if builder.template.name == "chatml" or len(slot_keys) > len(_SLOT_KEYS):
-            raise ValueError("pack=True packs LLaVA-template samples; Qwen2/2.5-VL's M-RoPE positions are per sample")
+        token_keys = ("input_ids", "labels") + (("mm_token_type_ids",) if builder.template.name == "chatml" else ())
         it_ds = pack_samples(it_ds, max_len, images_per_row or images_per_sample, builder.pad_token_id,
-                             bins=pack_bins, seed=seed)
+                             bins=pack_bins, seed=seed, token_keys=token_keys, slot_keys=slot_keys)
     it_ds = (it_ds.batch(batch_size, drop_remainder=drop_remainder)
              .map(functools.partial(_flatten_slots, slot_keys=slot_keys)))
     return Pipeline(it_ds, skipped, num_records, num_records // batch_size)

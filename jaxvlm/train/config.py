@@ -123,8 +123,9 @@ def train_defaults() -> Config:
                   curriculum=[],                       # pipeline: [[until_step, max_value], ...], easy records
                   curriculum_key="num_objects",        # first (jaxvlm.data.pipeline.curriculum_order)
                   reverse_labels=False,                # pipeline: REVERSE's span masking of the targets
-                  pack=False,                          # pipeline: several samples per row (LLaVA templates)
-                  images_per_row=0,                    # pack: image slots a row (0: seq_len // tokens per image)
+                  pack=False,                          # pipeline: several samples per row
+                  images_per_row=0,                    # pack: image slots a row (0: LLaVA seq_len // tokens per
+                                                       # image, Qwen 4 x images_per_sample)
                   pack_bins=8),                        # pack: rows filled first-fit at a time
         train=dict(steps=100, accum_steps=1, seed=0, log_every=10, workdir="runs/default",
                    export=None,              # dir: write the final (LoRA-merged) params as a converted

@@ -201,12 +201,15 @@ def make_data(cfg: Config, lc: ModelConfig, local_batch: int):
 
 
 def _images_per_row(d, lc: ModelConfig) -> int:
-    """Image slots of a packed row: `data.images_per_row`, else as many images as fit in `seq_len`."""
+    """Image slots of a packed row: `data.images_per_row`, else as many LLaVA images as fit in `seq_len`
+    (Qwen2/2.5-VL's images vary in tokens: 4 x `images_per_sample`)."""
     if not d.images_per_sample:
         return 0
+    if d.images_per_row:
+        return d.images_per_row
     if isinstance(lc, Qwen2VLConfig):
-        raise ValueError("data.pack packs LLaVA samples; Qwen2/2.5-VL's M-RoPE positions are per sample")
-    return d.images_per_row or max(d.images_per_sample, d.seq_len // lc.tokens_per_image)
+        return 4 * d.images_per_sample
+    return max(d.images_per_sample, d.seq_len // lc.tokens_per_image)
 
 
 class MetricsWriter:
