@@ -63,3 +63,28 @@ def test_url_workdir_is_refused(tmp_path, capsys):
     rc, err = run(tmp_path, capsys, "train.export='gs://bucket/run/export'")
     assert rc == 2 and "train.export='gs://bucket/run/export': a URL" in err and "gcsfuse" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_init_from_a_converted_checkpoint(tmp_path, capsys):
+    """model.init_from takes what train.export writes (a converted jaxvlm checkpoint) as well as an HF folder:
+    at learning rate 0 the next export holds exactly the same parameters, and only tokenizer files are
+    carried (not the weights)."""
+    import jax
+
+    from jaxvlm.conversion.converted import load_converted
+    first = tmp_path / "first"
+    rc, err = run(tmp_path, capsys, "train.steps=3", f"train.export='{first}'")
+    assert rc == 0, err
+    (first / "hf_files").mkdir(exist_ok=True)
+    (first / "hf_files" / "tokenizer_config.json").write_text("{}")   # a tokenizer file rides along
+    second = tmp_path / "second"
+    args = ["train", "--config", CONFIG, "--no-progress", "--workdir", str(tmp_path / "w2")]
+    for s in ("train.steps=1", "optim.default_lr=0.0", f"model.init_from='{first}'", f"train.export='{second}'"):
+        args += ["--set", s]
+    assert main(args) == 0, capsys.readouterr().err
+    (_, a), (_, b) = load_converted(first), load_converted(second)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert sorted(p.name for p in (second / "hf_files").iterdir()) == ["tokenizer_config.json"]
+    rc, err = run(tmp_path, capsys, f"model.init_from='{tmp_path}'")
+    assert rc == 2 and "neither a jaxvlm checkpoint (jaxvlm_config.json) nor a Hugging Face folder" in err

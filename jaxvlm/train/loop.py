@@ -68,12 +68,32 @@ def _from_checkpoint_or(cfg: Config, family_cls, build: Callable[[], ModelConfig
     """`model.init_from`'s config.json when given, else `build()`; then the run's dtypes and remat."""
     m = cfg.model
     if m.get("init_from"):
-        with open(os.path.join(m.init_from, "config.json")) as f:
-            mc = family_cls.from_hf(json.load(f))
+        mc = _init_from_config(m.init_from, family_cls)
     else:
         mc = build()
     mc = mc.with_dtype(m.dtype, m.param_dtype)
     return mc.replace(text=mc.text.replace(remat=m.text_remat), vision=mc.vision.replace(remat=m.vision_remat))
+
+
+def _is_converted(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "jaxvlm_config.json"))
+
+
+def _init_from_config(path: str, family_cls) -> ModelConfig:
+    """The model config of `model.init_from`: a converted jaxvlm checkpoint (`jaxvlm convert`, `train.export`)
+    or a Hugging Face folder (config.json)."""
+    if _is_converted(path):
+        from jaxvlm.conversion.converted import read_converted_config
+        mc = read_converted_config(path)
+        if not isinstance(mc, family_cls):
+            raise ValueError(f"model.init_from={path!r} holds a {type(mc).__name__}, not the {family_cls.__name__} "
+                             f"that model.family asks for")
+        return mc
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model.init_from={path!r}: neither a jaxvlm checkpoint (jaxvlm_config.json) nor a "
+                                f"Hugging Face folder (config.json)")
+    with open(os.path.join(path, "config.json")) as f:
+        return family_cls.from_hf(json.load(f))
 
 
 def llava_config(cfg: Config) -> LlavaConfig:
@@ -131,9 +151,12 @@ def image_processor(mc: ModelConfig, data: Config | None = None):
 
 
 def load_hf_params(path: str, mc: ModelConfig) -> dict:
-    """A Hugging Face LLaVA or Qwen2/2.5-VL directory (config.json + *.safetensors) -> jaxvlm params
-    on the host."""
+    """A Hugging Face LLaVA or Qwen2/2.5-VL directory (config.json + *.safetensors), or a converted jaxvlm
+    checkpoint, -> jaxvlm params on the host."""
     import glob
+    if _is_converted(path):
+        from jaxvlm.conversion.converted import load_converted
+        return jax.tree.map(lambda x: np.asarray(x, np.dtype(mc.text.param_dtype)), load_converted(path)[1])
 
     from safetensors import safe_open
 
@@ -152,11 +175,20 @@ def load_hf_params(path: str, mc: ModelConfig) -> dict:
     return convert(state, mc, dtype=np.dtype(mc.text.param_dtype))
 
 
+def tokenizer_dir(cfg: Config) -> str | None:
+    """Where the run's tokenizer files are: `tokens.tokenizer`, else `data.tokenizer`, else `model.init_from`
+    (a converted checkpoint keeps them in its `hf_files/`)."""
+    init = cfg.model.get("init_from")
+    if init and _is_converted(init):
+        init = os.path.join(init, "hf_files")
+    return cfg.tokens.tokenizer or cfg.data.tokenizer or init
+
+
 def run_tokenizer(cfg: Config, path: str | None = None):
     """The run's tokenizer: `path` (default `tokens.tokenizer`, else `data.tokenizer`, else `model.init_from`)
     with `tokens.add` added, so the data and the grown vocabulary use the same ids."""
     from transformers import AutoTokenizer
-    path = path or cfg.tokens.tokenizer or cfg.data.tokenizer or cfg.model.get("init_from")
+    path = path or tokenizer_dir(cfg)
     if not path:
         raise ValueError("no tokenizer to load: set data.tokenizer (or tokens.tokenizer, or model.init_from)")
     tok = AutoTokenizer.from_pretrained(path)
@@ -186,7 +218,7 @@ def make_data(cfg: Config, lc: ModelConfig, local_batch: int):
         from jaxvlm.data.pipeline import make_dataset
         if not d.path or not os.path.isfile(d.path):
             raise FileNotFoundError(f"data file not found: {d.path}")
-        tok = run_tokenizer(cfg, d.tokenizer or cfg.model.init_from)
+        tok = run_tokenizer(cfg, d.tokenizer)
         transform = None
         if d.reverse_labels:      # the tokenizer (with tokens.add) must hold <SPAN>, </CN>, </UN> (tag_ids says if not)
             from jaxvlm.methods.reverse import dehallucination_labels, tag_ids
@@ -247,6 +279,14 @@ def _scalar(x) -> float | int:
     return x.item()
 
 
+def _is_tokenizer_file(name: str) -> bool:
+    """A file of a tokenizer folder to carry into an export, not the weights or model configs beside it when the
+    tokenizer folder is `model.init_from` (the image processor's config is written for the run's own)."""
+    return not (name.endswith((".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".index.json"))
+                or name in ("config.json", "source_config.json", "jaxvlm_config.json", "preprocessor_config.json",
+                            "generation_config.json"))
+
+
 def export_converted(cfg: Config, lc: ModelConfig, trained: Any, spec: "LO.LoraSpec | None") -> str:
     """Final params (LoRA merged) -> a converted checkpoint with the tokenizer files beside it (and,
     for Qwen2/2.5-VL, the image processor's `preprocessor_config.json`, so `jaxvlm generate` resizes
@@ -257,13 +297,13 @@ def export_converted(cfg: Config, lc: ModelConfig, trained: Any, spec: "LO.LoraS
     params = MH.host_tree(LO.merge_lora(trained["base"], trained["lora"], spec) if spec is not None else trained)
     if jax.process_index() != 0:      # every process gathers (a collective); process 0 writes
         return cfg.train.export
-    tok_dir = cfg.data.get("tokenizer") or cfg.tokens.get("tokenizer")
+    tok_dir = tokenizer_dir(cfg)
     if cfg.tokens.add:       # the grown tokenizer the run saved, so the exported ids match its vocabulary
         tok_dir = os.path.join(os.path.abspath(cfg.train.workdir), "tokenizer")
     hf_files = []
     if tok_dir and os.path.isdir(tok_dir):
         hf_files = [os.path.join(tok_dir, f) for f in sorted(os.listdir(tok_dir))
-                    if os.path.isfile(os.path.join(tok_dir, f)) and f != "preprocessor_config.json"]
+                    if os.path.isfile(os.path.join(tok_dir, f)) and _is_tokenizer_file(f)]
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(lc, Qwen2VLConfig):
             image_processor(lc, cfg.data).hf.save_pretrained(tmp)
