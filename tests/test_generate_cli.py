@@ -422,9 +422,24 @@ def test_answers_are_written_in_order_and_counted_as_they_finish():
     assert seen == [(0, "a", 2), (1, "b", 4), (2, "c", 4), (3, "d", 4)]
 
 
-def test_slurm_launcher_splits_a_decode_over_nodes(checkpoint, tmp_path):
-    """launch/gpu_slurm.sh with JAXVLM_COMMAND=generate and --shard auto, under stand-ins for SLURM's scontrol
-    and srun (two tasks): each task writes its shard's file, and together they are the whole run's answers."""
+GCLOUD = """
+if [[ "$*" == *" describe "* ]]; then echo '10.0.0.1;10.0.0.2'; exit; fi
+for a in "$@"; do case "$a" in --worker=*) worker="${a#--worker=}";; esac; done
+while [[ $# -gt 0 ]]; do if [[ "$1" == --command ]]; then bash -c "$2"; exit; fi; shift; done
+"""
+LAUNCHERS = {   # script, stand-ins for the cluster's commands (two nodes / workers), environment
+    "gpu_slurm.sh": ({"scontrol": "echo node0; echo node1",
+                      "srun": 'shift; for i in 0 1; do SLURM_PROCID=$i "$@" & done; wait'},
+                     {"SLURM_JOB_NODELIST": "node[0-1]", "SLURM_NNODES": "2"}, []),
+    "tpu_pod.sh": ({"gcloud": GCLOUD}, {}, ["my-tpu", "zone-a", "--"]),
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_launchers_split_a_decode_over_nodes(launcher, checkpoint, tmp_path):
+    """launch/gpu_slurm.sh and launch/tpu_pod.sh with JAXVLM_COMMAND=generate, under stand-ins for SLURM's
+    scontrol/srun or gcloud (two nodes): each node writes its shard's file, and together they are the whole
+    run's answers."""
     import os
     import stat
     import subprocess
@@ -433,7 +448,7 @@ def test_slurm_launcher_splits_a_decode_over_nodes(checkpoint, tmp_path):
     from jaxvlm.generate.cli import auto_shard
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if not os.path.isfile(os.path.join(repo, ".venv", "bin", "activate")):
-        pytest.skip("the launcher sources $REPO/.venv (the README's set-up command makes it)")
+        pytest.skip("the launchers source $REPO/.venv (the README's set-up command makes it)")
     assert auto_shard({"SLURM_PROCID": "1", "SLURM_NTASKS": "3"}, "a/b.jsonl") == ("1/3", "a/b.shard1-of-3.jsonl")
     with pytest.raises(SystemExit, match="cannot tell this process's shard"):
         auto_shard({}, "b.jsonl")
@@ -441,16 +456,17 @@ def test_slurm_launcher_splits_a_decode_over_nodes(checkpoint, tmp_path):
     args = ["--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"), "--image-folder",
             str(c["root"]), "--max-new-tokens", str(NEW), "--batch-size", "2", "--temperature", "1.0"]
     assert main(["generate", *args, "--output", str(tmp_path / "whole.jsonl")]) == 0
+    stand_ins, env_extra, head = LAUNCHERS[launcher]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, body in (("scontrol", 'echo node0; echo node1'),
-                       ("srun", 'shift; for i in 0 1; do SLURM_PROCID=$i "$@" & done; wait')):
+    for name, body in stand_ins.items():
         (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (bin_dir / name).chmod(stat.S_IRWXU)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="node[0-1]",
-               SLURM_NNODES="2", REPO=repo, JAXVLM_COMMAND="generate", JAX_PLATFORMS="cpu",
-               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run(["bash", os.path.join(repo, "launch", "gpu_slurm.sh"), *args, "--shard", "auto",
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", REPO=repo, LOG_DIR=str(tmp_path),
+               JAXVLM_COMMAND="generate", JAX_PLATFORMS="cpu",
+               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra)
+    extra = ["--shard", "auto"] if launcher == "gpu_slurm.sh" else []      # tpu_pod.sh adds it per worker
+    r = subprocess.run(["bash", os.path.join(repo, "launch", launcher), *head, *args, *extra,
                         "--output", str(tmp_path / "answers.jsonl")], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
