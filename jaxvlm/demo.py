@@ -362,15 +362,11 @@ def reverse_tune(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.
                  overrides: tuple[str, ...] = ()) -> pathlib.Path:
     """`ckpt` fine-tuned on `reverse_records` (targets inside an </UN> span not trained: `data.reverse_labels`),
     the recipe's optimizer with a 20-step warmup, the tower frozen. Returns the tuned converted checkpoint."""
-    from jaxvlm.conversion.converted import hf_files_of, load_converted
-    from jaxvlm.conversion.llava_io import export_llava
     from jaxvlm.train.loop import train
     n_neg = reverse_records(world.llava["train"], out / "train.json")
     print(f"[demo] REVERSE: {n_neg} negative captions; fine-tuning {steps} steps", file=sys.stderr)
-    cfg, params = load_converted(ckpt)
-    export_llava(cfg, params, out / "hf", overwrite=True, extra_files=hf_files_of(ckpt), progress=False)
     rcfg, _ = recipe(out, world, tok_dir, steps, overrides=tuple(overrides) + (
-        f"model.init_from={out / 'hf'}", f"data.path={out / 'train.json'}", "data.reverse_labels=True",
+        f"model.init_from={ckpt}", f"data.path={out / 'train.json'}", "data.reverse_labels=True",
         "optim.warmup_steps=20", "checkpoint.async_save=False"))
     train(rcfg)
     return out / "checkpoint"

@@ -107,10 +107,11 @@ def test_two_processes_train_export_and_resume_as_one(tmp_path):
 
     a, b = _exported(f"{two}_export"), _exported(f"{ref}_export")
     assert sorted(a) == sorted(b)
+    # measured: largest difference 1.2e-7 (export), 2.2e-7 (adapter, whose largest value is 0.13)
     for k in b:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=5e-7, err_msg=k)
     a, b = _adapter(two), _adapter(ref)
     assert sorted(a) == sorted(b) and len(b) > 0
     for k in b:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=5e-7, err_msg=k)
     assert any(np.abs(v).max() > 0 for k, v in b.items() if "lora_B" in k)    # the adapter did train

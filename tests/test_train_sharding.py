@@ -177,8 +177,13 @@ def test_each_host_must_hold_its_own_rows(shape, process_of, ok):
     """Multi-host: each process feeds batch/processes rows of its own, so the mesh must give each host's
     devices exactly that many distinct rows (`check_process_batches` turns the rest into an error)."""
     mesh = M.make_mesh(M.MeshConfig.from_shape(shape))
-    index_map = S.batch_sharding(mesh).devices_indices_map((8,))
-    held = S.process_batch_rows(index_map, {d: process_of(d) for d in index_map}, 8)
-    assert sorted(held) == [0, 1]
-    fine = all(len(r) == 4 for r in held.values()) and not held[0] & held[1]
-    assert fine == ok, held
+    owner = {d: process_of(d) for d in mesh.devices.flat}
+    held = S.process_batch_rows(S.batch_sharding(mesh).devices_indices_map((8,)), owner, 8)
+    assert sorted(held) == [0, 1] and (all(len(r) == 4 for r in held.values()) and not held[0] & held[1]) == ok
+    if ok:
+        S.check_process_batches(mesh, 8, owner)
+    else:
+        with pytest.raises(ValueError, match=r"gives the 2 processes \[\(0, 8\), \(1, 8\)\] \(process, rows\) of the "
+                                             r"global batch of 8, but each process reads 4 rows of its own"):
+            S.check_process_batches(mesh, 8, owner)
+    S.check_process_batches(mesh, 8)          # one real process: nothing to check

@@ -56,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0,
-                   help="sampling seed: question i draws from its own key (jaxvlm.generate.question_keys), so a sampled "
-                        "answer does not depend on --batch-size")
+                   help="sampling seed: question i draws from its own key (jaxvlm.generate.question_keys), so a "
+                        "sampled answer does not depend on --batch-size")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard", default=None, metavar="K/N|auto",
                    help="answer questions K, K+N, K+2N, ... of --questions (0 <= K < N), e.g. one shard per host; "
@@ -334,6 +334,7 @@ class Answerer:
                                      eos_token_ids=tuple(sorted(eos)), pad_token_id=pad)
         self.hooks = ue_hooks_from_args(args)
         self.question_index: Sequence[int] | None = None    # the answered questions' positions in --questions
+                                                            # (main() sets it for --shard / --resume; see `position`)
         n_layers = getattr(self.cfg, "text", self.cfg).num_layers
         for i in () if self.hooks is None else self.hooks.lens_layers:
             if not 0 <= i <= n_layers:
@@ -359,6 +360,10 @@ class Answerer:
         max_len = a.max_len or -(-(longest_prompt + a.max_new_tokens) // 128) * 128
         self.engine = Engine(self.model, batch_size=batch_size or a.batch_size, max_len=max_len, sampler=self.sampler,
                              **({} if self.hooks is None else {"hooks": self.hooks}))
+
+    def position(self, k: int) -> int:
+        """This run's question k's position in --questions: its sampling key and, without an id, its id."""
+        return k if self.question_index is None else self.question_index[k]
 
     def encode(self, prompt: str, image_path: str | None, record_id: Any = "?") -> tuple[np.ndarray, Any]:
         """-> (ids [T], pixels): LLaVA pixels `[3, H, W]`, Qwen2-VL `(patches [N, D], grid_thw [3])`.
@@ -430,8 +435,7 @@ class Answerer:
         `question_index`), so a sampled answer depends neither on the batch size nor on --shard / --resume."""
         from jaxvlm.generate import question_keys
         batch = self.batch_of(items)
-        at = self.question_index
-        keys = question_keys(seed, list(indices) if at is None else [at[i] for i in indices], turn)
+        keys = question_keys(seed, [self.position(i) for i in indices], turn)
         out = self.engine.generate(self.params, batch, max_new_tokens=self.args.max_new_tokens,
                                    temperature=self.args.temperature, row_keys=keys,
                                    stop_strings=self.stop_strings, tokenizer=self.tok)
@@ -493,7 +497,7 @@ def main(args: argparse.Namespace) -> int:
         elif args.chain_of_spot:
             answer_chunk = chain_of_spot_answers(answerer, records, image_of, single)
         else:
-            encoded = [answerer.encode(question_of(r), image_of(r), _question_key(r, todo[k]))
+            encoded = [answerer.encode(question_of(r), image_of(r), _question_key(r, answerer.position(k)))
                        for k, r in enumerate(tqdm(records, desc="encode", unit="q", disable=single, file=sys.stderr))]
             answerer.build_engine(max(len(i) for i, _ in encoded),
                                   max([len(p[0]) for _, p in encoded if answerer.qwen2 and p is not None] or [0]))
@@ -512,8 +516,7 @@ def main(args: argparse.Namespace) -> int:
                 print(got["answer"])
                 continue
             row = {k: v for k, v in rec.items() if k not in ("text", "prompt")}
-            key = "question_id" if "question_id" in rec else "id"
-            row[key] = rec.get(key, todo[i])
+            row["question_id" if "question_id" in rec else "id"] = _question_key(rec, todo[i])
             row.update(prompt=question_of(rec), **got, model_id=model_id)
             line = json.dumps(row)
             if out_f:
@@ -587,8 +590,7 @@ def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bo
         un = reverse.tag_ids(answerer.tok)[2]
     except ValueError as e:
         raise SystemExit(f"jaxvlm generate: --reverse: {e}") from None
-    at = answerer.question_index
-    encoded = [answerer.encode(question_of(r), image_of(r), _question_key(r, k if at is None else at[k]))
+    encoded = [answerer.encode(question_of(r), image_of(r), _question_key(r, answerer.position(k)))
                for k, r in enumerate(tqdm(records, desc="encode", unit="q", disable=quiet, file=sys.stderr))]
     answerer.hooks = Hooks(track_token_ids=(un,))
     longest = max(len(i) for i, _ in encoded)
@@ -602,7 +604,8 @@ def reverse_answers(answerer: Answerer, records: list[dict], image_of, quiet: bo
     rows = reverse.engine_rows_generator(
         answerer.engine, answerer.params, answerer.tok,
         lambda reqs: answerer.batch_of([(r.prefix, encoded[r.index][1]) for r in reqs]),
-        max_new_tokens=a.max_new_tokens, seed=a.seed, key_index=answerer.question_index)
+        max_new_tokens=a.max_new_tokens, seed=a.seed,
+        key_index=[answerer.position(k) for k in range(len(records))])
     results = reverse.reverse_answers(rows, [ids for ids, _ in encoded], answerer.tok,
                                       batch_size=answerer.engine.batch_size, threshold=a.reverse_threshold,
                                       temperature=a.temperature, max_attempts=a.reverse_max_attempts,

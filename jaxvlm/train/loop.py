@@ -150,7 +150,7 @@ def image_processor(mc: ModelConfig, data: Config | None = None):
     return LlavaImageProcessor.for_llava(mc)
 
 
-def load_hf_params(path: str, mc: ModelConfig) -> dict:
+def load_init_params(path: str, mc: ModelConfig) -> dict:
     """A Hugging Face LLaVA or Qwen2/2.5-VL directory (config.json + *.safetensors), or a converted jaxvlm
     checkpoint, -> jaxvlm params on the host."""
     import glob
@@ -366,7 +366,7 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
             if cfg.model.get(key):
                 raise ValueError(f"model.{key} applies to a random init only; it cannot be combined with "
                                  f"model.init_from={cfg.model.init_from!r}")
-        params = load_hf_params(cfg.model.init_from, lc)
+        params = load_init_params(cfg.model.init_from, lc)
     else:
         if family == "qwen2_vl" and cfg.model.get("projector_init"):
             raise ValueError("model.projector_init is LLaVA's projector; Qwen2/2.5-VL's merger is part of the "

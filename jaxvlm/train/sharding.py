@@ -174,23 +174,25 @@ def process_batch_rows(index_map: Mapping[Any, Any], process_of: Mapping[Any, in
     return held
 
 
-def check_process_batches(mesh: Mesh, global_batch: int) -> None:
+def check_process_batches(mesh: Mesh, global_batch: int, process_of: Mapping[Any, int] | None = None) -> None:
     """Each process reads `global_batch / process_count` rows of its own (its data shard); the mesh must then
     give each process's devices that many distinct rows, disjoint from the others'. A mesh whose tensor axis
-    (or a part of data x fsdp) spans hosts breaks that: a clear error instead of a silently wrong batch."""
-    n = jax.process_count()
+    (or a part of data x fsdp) spans hosts breaks that: a clear error instead of a silently wrong batch.
+    process_of: each device's process (default: the devices' own; a test can lay one process out as several)."""
+    index_map = batch_sharding(mesh).devices_indices_map((global_batch,))
+    process_of = process_of or {d: d.process_index for d in index_map}
+    n = len(set(process_of.values()))
     if n == 1:
         return
-    index_map = batch_sharding(mesh).devices_indices_map((global_batch,))
-    held = process_batch_rows(index_map, {d: d.process_index for d in index_map}, global_batch)
+    held = process_batch_rows(index_map, process_of, global_batch)
     want = global_batch // n
     bad = {p: len(r) for p, r in held.items() if len(r) != want}
     overlap = sum(len(r) for r in held.values()) != global_batch
     if bad or overlap:
-        raise ValueError(f"the mesh {dict(mesh.shape)} gives the {n} processes {sorted((p, len(r)) for p, r in held.items())} "
-                         f"(process, rows) of the global batch of {global_batch}, but each process reads {want} rows "
-                         f"of its own: put the data/fsdp axes across hosts (mesh.dcn_data / mesh.dcn_fsdp) and keep "
-                         f"the tensor axis within a host")
+        rows = sorted((p, len(r)) for p, r in held.items())
+        raise ValueError(f"the mesh {dict(mesh.shape)} gives the {n} processes {rows} (process, rows) of the global "
+                         f"batch of {global_batch}, but each process reads {want} rows of its own: put the data/fsdp "
+                         f"axes across hosts (mesh.dcn_data / mesh.dcn_fsdp) and keep the tensor axis within a host")
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
