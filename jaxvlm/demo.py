@@ -6,6 +6,9 @@
    `--family qwen2_5_vl`, the tiny Qwen2.5-VL recipe (`configs/shapes_qwen2_vl.py`, always trained);
 3. decode the test split with `jaxvlm generate` (captions, VQA, POPE adversarial, REC, REG);
 4. score it with `jaxvlm eval` (CHAIR, POPE, VQA accuracy, REC Acc@0.5, METEOR) beside baselines;
+   each decoding method (`METHODS`: UE, REVERSE, Chain-of-Spot, JUDGER) adds a column, decoded with its
+   `jaxvlm generate` flags from the model or, for those that need one, a copy fine-tuned for it
+   (`jaxvlm.demo_tuners`);
 5. write PNGs: predicted boxes, attention over the image, a logit-lens heatmap.
 
     jaxvlm demo --out out/demo              # uses the shipped checkpoint
@@ -23,6 +26,8 @@ import sys
 import time
 from collections import Counter
 from typing import Any, Sequence
+
+from jaxvlm.demo_tuners import JUDGER_CROP_SIZE, JUDGER_LAYER, TUNERS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ASSET = REPO / "assets" / "shapes_llava"
@@ -55,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="decode batch size")
     p.add_argument("--methods", default=None,
                    help=f"decoding methods to score beside the model, comma-separated (of: {', '.join(METHODS)}; "
-                        "'' for none; default: every method the family serves, REVERSE for LLaVA only)")
+                        "'' for none; default: every method the family serves; those that fine-tune the model, REVERSE, CoS "
+                        "and JUDGER, serve LLaVA only)")
     p.add_argument("--save-asset", action="store_true",
                    help=f"write the trained checkpoint to {ASSET.relative_to(REPO)} (what the shipped demo uses)")
 
@@ -222,10 +228,18 @@ MAX_NEW = {"caption": 96, "vqa": 8, "pope_adversarial": 6, "rec": 28, "reg": 16}
 #: negative answers) one phrase swapped for an absent shape, tagged </UN>, the answer ending there; then
 #: captions are decoded with retrospective resampling, greedy at first (the original's Qwen setting), with
 #: the threshold 0.2 on P(</UN>) (the tuned model puts ~0.1-0.2 on every phrase; 0.1 flags nearly all).
+#: Chain-of-Spot (CoS) needs a model that asks for a region of interest and answers over the crop:
+#: `demo_tuners.cos_tune` fine-tunes the checkpoint on the train split's VQA and existence records in CoS's
+#: two-turn form; its column decodes VQA and POPE, as its paper reports (16 new tokens fit the ROI).
+#: JUDGER answers over the image and the crop its relative attention picks, from a model `demo_tuners.judger_tune`
+#: fine-tuned on such pairs (its stage III without the unreleased judgments); VQA and POPE as well.
 METHODS = {"UE": (("--ue-layers", "0,1"), ("caption", "reg", "pope_adversarial")),
            "REVERSE": (("--reverse", "--temperature", "0", "--reverse-threshold", "0.2", "--max-new-tokens", "128"),
-                       ("caption",))}     # (tags make a caption ~3 tokens longer per object)
-#: Fine-tuning steps of the methods that decode a model tuned for them (`TUNERS`, below; batch 8, ~100 s here).
+                       ("caption",)),     # (tags make a caption ~3 tokens longer per object)
+           "CoS": (("--chain-of-spot", "--max-new-tokens", "16"), ("vqa", "pope_adversarial")),
+           "JUDGER": (("--judger", "--judger-layer", str(JUDGER_LAYER), "--judger-crop-size", str(JUDGER_CROP_SIZE)),
+                      ("vqa", "pope_adversarial"))}
+#: Fine-tuning steps of the methods that decode a model tuned for them (`demo_tuners.TUNERS`; batch 8).
 TUNE_STEPS = 400
 
 
@@ -319,61 +333,60 @@ def run_methods(names: Sequence[str], ckpt: pathlib.Path, world, tasks: dict, ou
         rows = [json.loads(line) for task in method_tasks for line in open(preds[task])]
         if rows and "reverse_attempts" in rows[0]:       # how often REVERSE resampled, for the report
             results[name]["reverse_attempts"] = sum(r["reverse_attempts"] for r in rows) / len(rows)
+        if rows and ("roi" in rows[0] or "crop_box" in rows[0]):
+            results[name]["crop"] = crop_hits({t: preds[t] for t in method_tasks}, sub, world)
     return results
 
 
-# ----------------------------------------------------------------------------- REVERSE on the shapes world
-
-NEGATIVE_SHARE = 0.43     # REVERSE's data: 2.9M negative of 6.8M QA turns
-
-
-def reverse_records(src: pathlib.Path, dst: pathlib.Path, seed: int = 0) -> int:
-    """The LLaVA records of `src` with each caption answer span-tagged as REVERSE's data is: every object
-    phrase as `<SPAN>phrase</CN>`; in a `NEGATIVE_SHARE` of them one phrase has its shape swapped for one the
-    image lacks, tagged `</UN>`, and the answer ends there. Other records are kept. Returns how many negatives."""
-    import re
-
-    from jaxvlm.data.shapes_world.vocab import CATEGORIES
-    rng = random.Random(seed)
-    shape = re.compile(r"\b(" + "|".join(CATEGORIES) + r")\b")
-    out, negatives = [], 0
-    for r in json.loads(pathlib.Path(src).read_text()):
-        if not r["id"].endswith("_caption"):
-            out.append(r)
-            continue
-        head, body = r["conversations"][1]["value"].split(": ", 1)       # "The image shows N shapes on ...: a, b and c."
-        phrases = re.split(r", | and ", body.rstrip("."))
-        tagged = [f"<SPAN>{p}</CN>" for p in phrases]
-        if rng.random() < NEGATIVE_SHARE:
-            k = rng.randrange(len(phrases))
-            present = {m.group(1) for p in phrases for m in shape.finditer(p)}
-            fake = shape.sub(rng.choice([c for c in CATEGORIES if c not in present]), phrases[k], count=1)
-            text = head + ": " + ", ".join(tagged[:k] + [f"<SPAN>{fake}</UN>"])
-            negatives += 1
-        else:
-            text = head + ": " + (", ".join(tagged[:-1]) + " and " + tagged[-1] if len(tagged) > 1 else tagged[0]) + "."
-        out.append(dict(r, conversations=[r["conversations"][0], dict(r["conversations"][1], value=text)]))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(json.dumps(out))
-    return negatives
+def _crop_of(row: dict, width: int, height: int) -> tuple[float, float, float, float]:
+    """A decoded row's crop in image pixels: JUDGER's `crop_box`, or Chain-of-Spot's `roi` (fractions of the
+    padded square; the whole image where it does not parse, as the crop then is)."""
+    from jaxvlm.methods.chain_of_spot import parse_roi
+    if "crop_box" in row:
+        return tuple(row["crop_box"])
+    box, side = parse_roi(row["roi"]), max(width, height)
+    if box is None or not (box[0] < box[2] and box[1] < box[3]):
+        return 0.0, 0.0, float(width), float(height)
+    x1, y1, x2, y2 = (v * side for v in box)
+    return x1 - (side - width) / 2, y1 - (side - height) / 2, x2 - (side - width) / 2, y2 - (side - height) / 2
 
 
-def reverse_tune(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.Path, steps: int,
-                 overrides: tuple[str, ...] = ()) -> pathlib.Path:
-    """`ckpt` fine-tuned on `reverse_records` (targets inside an </UN> span not trained: `data.reverse_labels`),
-    the recipe's optimizer with a 20-step warmup, the tower frozen. Returns the tuned converted checkpoint."""
-    from jaxvlm.train.loop import train
-    n_neg = reverse_records(world.llava["train"], out / "train.json")
-    print(f"[demo] REVERSE: {n_neg} negative captions; fine-tuning {steps} steps", file=sys.stderr)
-    rcfg, _ = recipe(out, world, tok_dir, steps, overrides=tuple(overrides) + (
-        f"model.init_from={ckpt}", f"data.path={out / 'train.json'}", "data.reverse_labels=True",
-        "optim.warmup_steps=20", "checkpoint.async_save=False"))
-    train(rcfg)
-    return out / "checkpoint"
+def crop_hits(preds: dict[str, pathlib.Path], tasks: dict, world, split: str = "test") -> dict:
+    """Where a method looked: over the questions about objects that are present (`tasks.question_objects`),
+    the share whose crop (Chain-of-Spot's ROI, JUDGER's crop box) holds the centre of every such object
+    (`hit`), and the share a crop of the same size placed uniformly at random would hold (`random`, the exact
+    expectation). A crop that finds the objects scores above `random`."""
+    from jaxvlm.data.shapes_world.tasks import question_objects
+    from jaxvlm.data.shapes_world.world import object_infos
+    insts = json.load(open(world.instances[split]))
+    objects = object_infos(insts)
+    images = {f"{split}/{im['file_name']}": im for im in insts["images"]}
+    hit = chance = n = 0.0
+    for task, path in preds.items():
+        questions = {q["question_id"]: q for q in tasks[task][0]}
+        for line in open(path):
+            row = json.loads(line)
+            q = questions[row["question_id"]]
+            im = images[q["image"]]
+            about = question_objects(q["text"], objects[im["id"]], im["width"])
+            if not about:
+                continue
+            x1, y1, x2, y2 = _crop_of(row, im["width"], im["height"])
+            first_x, last_x = min(o.cx for o in about), max(o.cx for o in about)      # the centres' extent
+            first_y, last_y = min(o.cy for o in about), max(o.cy for o in about)
+            n += 1
+            hit += x1 <= first_x and last_x <= x2 and y1 <= first_y and last_y <= y2
+            chance += (_placed_at_random(x2 - x1, first_x, last_x, im["width"])
+                       * _placed_at_random(y2 - y1, first_y, last_y, im["height"]))
+    return {"hit": hit / n if n else None, "random": chance / n if n else None, "questions": int(n)}
 
 
-#: Methods whose column decodes a model tuned for them: name -> tuner(ckpt, world, tok_dir, out, steps) -> ckpt.
-TUNERS = {"REVERSE": reverse_tune}
+def _placed_at_random(side: float, first: float, last: float, extent: float) -> float:
+    """P(an interval of `side` placed uniformly within [0, extent] covers [first, last])."""
+    room = extent - side
+    if room <= 0:
+        return 1.0 if side >= last - first else 0.0
+    return max(0.0, min(room, first) - max(0.0, last - side)) / room
 
 
 def baselines(world, tasks: dict, seed: int = 0) -> dict:
@@ -490,6 +503,8 @@ def format_table(metrics: dict, base: dict, methods: dict[str, dict] | None = No
         ("POPE adv. F1", ("pope_adversarial", "f1"), None, ""),
         ("POPE adv. yes-ratio", ("pope_adversarial", "yes_ratio"), 0.5, "balanced"),
         ("REG METEOR", ("reg_meteor", "METEOR"), None, ""),
+        ("Crop on the objects", ("crop", "hit"), None, "CoS/JUDGER: crop holds the asked-about objects"),
+        ("  same-size random crop", ("crop", "random"), None, "(the share a random crop would hold)"),
     ]
     fmt = lambda v: f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'-':>8s}"      # noqa: E731
     head = "".join(f" {m[:8]:>8s}" for m in methods)
@@ -556,7 +571,7 @@ def main(args) -> int:
     if args.save_asset and args.family != "llava":
         raise SystemExit(f"jaxvlm demo: --save-asset writes {ASSET.relative_to(REPO)}, the LLaVA recipe's checkpoint; "
                          f"--family {args.family} has no shipped asset")
-    # REVERSE's tuner fine-tunes with the LLaVA recipe and exports a LLaVA checkpoint
+    # the tuners fine-tune with the LLaVA recipe and export a LLaVA checkpoint
     served = [m for m in METHODS if args.family == "llava" or m not in TUNERS]
     given = ",".join(served) if args.methods is None else args.methods
     method_names = [m.strip() for m in given.split(",") if m.strip()]

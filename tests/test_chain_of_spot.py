@@ -82,6 +82,8 @@ def test_training_conversation_rewrite():
         "Now answer the following questions based on the raw image: Q1",   # the image tag moved out
         "A1", "Q3", "A3"]
     assert [t["from"] for t in out] == ["human", "gpt"] * 4
+    # a fixed width for tokenizers that read two-decimal coordinates as one token each (the shapes world's)
+    assert cos.cos_conversation(turns, 1, [0.1, 0.3, 0.4, 0.625], decimals=2)[1]["value"] == "[0.10, 0.30, 0.40, 0.62]"
     assert turns == before                                          # the record is not modified
     first = cos.cos_conversation(turns[:2], 0, None)                  # no ROI: the whole image
     assert [t["value"] for t in first] == [

@@ -1,6 +1,8 @@
 """The embedded default, reduced: a small shapes world, a tiny LLaVA trained for a few hundred
 steps through the real train loop, decoded with `jaxvlm generate` and scored with `jaxvlm eval`."""
 import json
+import pathlib
+import re
 from collections import Counter
 
 import jax
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxvlm import demo as D
+from jaxvlm.demo_tuners import reverse_records
 
 TINY = ("model.text.hidden_size=64", "model.text.intermediate_size=128", "model.text.num_layers=2",
         "model.text.num_heads=4", "model.text.num_kv_heads=2", "model.vision.hidden_size=64",
@@ -109,8 +112,7 @@ def test_reverse_records_tag_every_caption_phrase(trained, tmp_path):
     from jaxvlm.data.shapes_world.vocab import CATEGORIES
     _, world, *_ = trained
     src = json.loads(world.llava["train"].read_text())
-    n_neg = D.reverse_records(world.llava["train"], tmp_path / "r.json", seed=1)
-    got = json.loads((tmp_path / "r.json").read_text())
+    got, n_neg = reverse_records(src, seed=1)
     caps = [(a, b) for a, b in zip(src, got) if a["id"].endswith("_caption")]
     assert [a["id"] for a in src] == [b["id"] for b in got] and 0 < n_neg < len(caps)
     assert all(a == b for a, b in zip(src, got) if not a["id"].endswith("_caption"))
@@ -193,15 +195,88 @@ def test_decode_evaluate_and_pictures(trained):
             assert [r["question_id"] for r in rows] == [q["question_id"] for q in tasks[task][0]]
     assert 0.0 <= methods["UE"]["chair"]["CHAIRi"] <= 1.0 and "vqa" not in methods["UE"]
     assert set(methods["REVERSE"]) == {"chair", "reverse_attempts"} and methods["REVERSE"]["reverse_attempts"] >= 1
+    # Chain-of-Spot and JUDGER decode VQA and POPE with models tuned on two images a sample
+    for name, key in (("CoS", "roi"), ("JUDGER", "crop_box")):
+        assert set(methods[name]) == {"vqa", "pope_adversarial", "crop"} and methods[name]["crop"]["questions"] > 0
+        rows = [json.loads(line) for line in open(out / f"predictions_{name.lower()}" / "vqa.jsonl")]
+        assert all(key in r for r in rows)
+        logs = [json.loads(line) for line in open(out / name.lower() / "train" / "metrics.jsonl") if '"loss"' in line]
+        assert logs and logs[-1]["step"] == 6
+    assert len(json.loads((out / "judger" / "train.json").read_text())) == 6 * 8      # steps x batch questions
     assert "<SPAN>" not in (out / "predictions_reverse" / "caption.jsonl").read_text()
     logs = [json.loads(line) for line in open(out / "reverse" / "train" / "metrics.jsonl") if '"loss"' in line]
     assert logs and logs[-1]["step"] == 6
     lines = D.format_table(metrics, base, methods).splitlines()
-    assert lines[0].split()[:4] == ["metric", "model", "UE", "REVERSE"]
+    assert lines[0].split()[:6] == ["metric", "model", "UE", "REVERSE", "CoS", "JUDGER"]
     vqa_row = next(ln for ln in lines if ln.startswith("VQA accuracy")).split()
     assert vqa_row[3] == "-" and float(vqa_row[2]) == pytest.approx(metrics["vqa"]["accuracy"], abs=5e-4)
     chair_row = next(ln for ln in lines if ln.startswith("CHAIR-i")).split()
     assert float(chair_row[3]) == pytest.approx(methods["UE"]["chair"]["CHAIRi"], abs=5e-4)
+
+
+def test_cos_rois_frame_what_each_question_is_about(trained):
+    """Chain-of-Spot's ROIs on the shapes world: a square inside the image, at least ROI_MIN_SIDE, around every
+    object the question is about, or around one of the scene's objects when it asks about an absent one (so
+    the ROI does not give a "no" away); cos_records finds them under its own keys and writes them 2-decimal."""
+    from jaxvlm.data.shapes_world.tasks import question_objects
+    from jaxvlm.data.shapes_world.world import object_infos
+    from jaxvlm.demo_tuners import ROI_MIN_SIDE, cos_rois
+    from jaxvlm.methods.chain_of_spot import cos_records, roi_label, roi_text
+    _, world, *_ = trained
+    instances = json.loads(world.instances["train"].read_text())
+    objects = object_infos(instances)
+    records = [r for r in json.loads(world.llava["train"].read_text()) if r["id"].endswith(("_vqa", "_exist"))]
+    rois = cos_rois(records, instances)
+    n_absent = 0
+    for i, rec in enumerate(records):
+        scene = objects[int(rec["id"].split("_")[0])]
+        for k in range(len(rec["conversations"]) // 2):
+            top, left, side = rois[f"{i:06d}_{rec['id']}_q{k}"]["params"]
+            assert ROI_MIN_SIDE <= side <= 112 and 0 <= top <= 112 - side and 0 <= left <= 112 - side
+            inside = [o for o in scene if left <= o.bbox[0] and o.bbox[0] + o.bbox[2] <= left + side
+                      and top <= o.bbox[1] and o.bbox[1] + o.bbox[3] <= top + side]
+            about = question_objects(rec["conversations"][2 * k]["value"], scene, 112)
+            assert set(about) <= set(inside) and inside
+            n_absent += not about
+    assert n_absent > 0
+    out = cos_records(records, rois, str(world.image_root), str(world.root / "cos_crops"), decimals=2)
+    for i, r in enumerate(out):                 # each record's drawn question, found under cos_records' key
+        key = pathlib.Path(r["image"][1]).stem
+        assert key.startswith(f"{i:06d}_{r['id']}_q")
+        label = r["conversations"][1]["value"]
+        assert label == roi_text(roi_label(*rois[key]["params"], 112, 112), decimals=2)
+        assert re.fullmatch(r"\[(\d\.\d\d, ){3}\d\.\d\d\]", label)
+
+
+def test_crop_hits_count_crops_on_the_asked_about_objects(trained, tmp_path):
+    """The crop row of CoS's and JUDGER's columns: a crop around the question's objects counts, one beside
+    them does not; the whole image (an unparsable ROI) always does; `random` is the exact chance."""
+    from jaxvlm.data.shapes_world.tasks import question_objects
+    from jaxvlm.data.shapes_world.world import object_infos
+    _, world, *_ = trained
+    assert D._placed_at_random(56, 30, 40, 112) == pytest.approx(30 / 56)
+    assert D._placed_at_random(112, 30, 40, 112) == 1.0 and D._placed_at_random(20, 30, 60, 112) == 0.0
+    tasks = {"vqa": D.questions(world, "test")["vqa"]}
+    insts = json.loads(world.instances["test"].read_text())
+    objects, ids = object_infos(insts), {f"test/{im['file_name']}": im["id"] for im in insts["images"]}
+    about = {q["question_id"]: question_objects(q["text"], objects[ids[q["image"]]], 112) for q in tasks["vqa"][0]}
+    qs = [q for q in tasks["vqa"][0] if about[q["question_id"]] and len(about[q["question_id"]]) == 1]
+    assert qs
+    tasks = {"vqa": (qs, None)}
+
+    def score(row_of):
+        path = tmp_path / "p.jsonl"
+        path.write_text("".join(json.dumps({"question_id": q["question_id"], **row_of(q)}) + "\n" for q in qs))
+        return D.crop_hits({"vqa": path}, tasks, world)
+
+    def around(q, shift=0.0):
+        (o,) = about[q["question_id"]]
+        return {"crop_box": [o.cx - 4 + shift, o.cy - 4, o.cx + 4 + shift, o.cy + 4]}
+    on = score(around)
+    assert on["hit"] == 1.0 and on["questions"] == len(qs) and 0 < on["random"] < 0.1
+    assert score(lambda q: around(q, shift=10))["hit"] == 0.0
+    whole = score(lambda q: {"roi": "I cannot tell"})
+    assert whole["hit"] == 1.0 and whole["random"] == 1.0
 
 
 def test_rec_picture_draws_swapped_corners_and_skips_garbage():

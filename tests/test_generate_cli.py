@@ -363,7 +363,8 @@ def test_judger_flag_matches_transformers_eager_attention_and_generate(checkpoin
     out = tmp_path / "judger.jsonl"
     assert main(["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
                  "--image-folder", str(c["root"]), "--max-new-tokens", str(NEW), "--batch-size", "2", "--judger",
-                 "--judger-layer", str(layer), "--template", "llava_v1", "--output", str(out),
+                 "--judger-layer", str(layer - cfg.text.num_layers),      # negative: counted from the last layer
+                 "--template", "llava_v1", "--output", str(out),
                  "--judger-png", str(tmp_path / "maps")]) == 0
     pngs = sorted((tmp_path / "maps").iterdir())
     assert [p.name for p in pngs] == ["7.png", "8.png", "9.png"]
@@ -374,7 +375,7 @@ def test_judger_flag_matches_transformers_eager_attention_and_generate(checkpoin
     img_id = cfg.image_token_id
     hf.set_attn_implementation("eager")
     try:
-        cropped = 0
+        cropped, rel_maps = 0, []
         for q, r in zip(c["qs"], rows):
             image = load_image(c["root"] / q["image"])
             full = pad_proc(image).pixel_values[None]
@@ -387,6 +388,7 @@ def test_judger_flag_matches_transformers_eager_attention_and_generate(checkpoin
                 maps.append(att[:, ids == img_id].astype(np.float64).mean(0).reshape(4, 4))
             box = judger.crop_box(maps[0] / maps[1], image.size, cfg.vision.image_size)
             assert r["crop_box"] == pytest.approx(list(box))
+            rel_maps.append((maps[0] / maps[1], image.size))
             cropped += tuple(box) != (0, 0, *image.size)
             crop = image.crop(box)
             ids = encode_prompt("llava_v1", judger.answer_messages(q["text"]), tok, image_token_id=img_id,
@@ -400,7 +402,19 @@ def test_judger_flag_matches_transformers_eager_attention_and_generate(checkpoin
         assert cropped >= 2
     finally:
         hf.set_attn_implementation("sdpa")
-    with pytest.raises(SystemExit, match="--judger-layer 5 is outside"):
+    # --judger-crop-size: the windows are 1-2x that many pixels instead of the model's input resolution
+    half = cfg.vision.image_size // 2
+    assert main(["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
+                 "--image-folder", str(c["root"]), "--max-new-tokens", "1", "--batch-size", "2", "--judger",
+                 "--judger-layer", str(layer), "--judger-crop-size", str(half), "--output", str(tmp_path / "half.jsonl")]) == 0
+    smaller = [json.loads(line)["crop_box"] for line in (tmp_path / "half.jsonl").read_text().splitlines()]
+    assert smaller == [pytest.approx(list(judger.crop_box(a, size, half))) for a, size in rel_maps]
+    assert smaller != [r["crop_box"] for r in rows]
+    with pytest.raises(SystemExit, match="--judger-crop-size must be a positive number of pixels, got -3"):
+        main(["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
+              "--image-folder", str(c["root"]), "--judger", "--judger-layer", "1", "--judger-crop-size", "-3",
+              "--output", str(tmp_path / "y")])
+    with pytest.raises(SystemExit, match="--judger-layer 5 is outside the LM's 2 layers"):
         main(["generate", "--checkpoint", str(c["ckpt"]), "--questions", str(c["root"] / "q.jsonl"),
               "--image-folder", str(c["root"]), "--judger", "--judger-layer", "5", "--output", str(tmp_path / "x")])
 

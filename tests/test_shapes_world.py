@@ -203,6 +203,44 @@ def test_llava_answers_match_the_scene(world):
     assert {"rec", "reg", "count", "existence", "pope_existence"} <= set(seen), seen
 
 
+def test_question_objects_are_what_each_answer_is_about(world):
+    """`tasks.question_objects` (a region of interest's content) agrees with every VQA and existence answer:
+    existence is "yes" iff it finds objects, a count is how many it finds, a colour or position question
+    finds the one object whose colour or region is the answer, a relation question finds both objects."""
+    from jaxvlm.data.shapes_world.language import grid_region
+    from jaxvlm.data.shapes_world.tasks import question_objects
+    objects = _objects(world)
+    seen = Counter()
+    for split in shapes_world.SPLITS:
+        for rec in _load(world.llava[split]):
+            if not rec["id"].endswith(("_vqa", "_exist")):
+                continue
+            objs = objects[int(rec["id"].split("_")[0])]
+            conv = rec["conversations"]
+            for q, a in zip(conv[0::2], conv[1::2]):
+                found, a = question_objects(q["value"], objs, SIZE), a["value"]
+                text = q["value"].removeprefix("<image>\n")
+                kind = text.split()[0] + " " + text.split()[1]
+                assert found is not None, text
+                assert all(o in objs for o in found)
+                if kind == "Is there":
+                    assert (a == "yes") == bool(found), text
+                elif kind == "How many":
+                    assert a == str(len(found)), text
+                elif kind == "What colour":
+                    assert [o.colour for o in found] == [a], text
+                elif kind == "Where is":
+                    assert [grid_region(o, SIZE) for o in found] == [a], text
+                else:
+                    assert kind.startswith("Is ") and len(found) == 2 and found[0] != found[1], text
+                seen[kind] += 1
+    assert {"Is there", "How many", "What colour", "Where is"} <= set(seen), seen
+    some = next(iter(objects.values()))
+    assert question_objects("What is the meaning of life?", some, SIZE) is None
+    assert question_objects("Is there a unicorn in the image?", some, SIZE) is None
+    assert question_objects("How many plaid shapes are there?", some, SIZE) is None
+
+
 def test_existence_records_are_balanced_pope_questions(world):
     """The training split's POPE-format records: as many "no" as "yes", every label exact, and
     negatives that include theme mates (the adversarial kind the evaluation asks about)."""

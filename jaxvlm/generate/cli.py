@@ -93,7 +93,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "relative to a general description's picks a square crop, answered with the image and the "
                         "crop (the original uses --template llava_v1); answers gain 'crop_box'")
     p.add_argument("--judger-layer", type=int, default=14,
-                   help="LM layer whose attention is read (JUDGER: 14, of Vicuna-7B's 32)")
+                   help="LM layer whose attention is read (JUDGER: 14, of Vicuna-7B's 32); negative counts from the "
+                        "last layer (-1)")
+    p.add_argument("--judger-crop-size", type=int, default=None, metavar="PX",
+                   help="the crop's smallest side in image pixels; sides of 1-2x it are tried (default: the model's "
+                        "input resolution, as the original's 336 for LLaVA-1.5)")
     p.add_argument("--judger-png", default=None, metavar="DIR",
                    help="also write DIR/<question id>.png: the relative attention over the image and the crop box")
     p.add_argument("--chain-of-spot", action="store_true",
@@ -651,25 +655,24 @@ def judger_answers(answerer: Answerer, records: list[dict], image_of, quiet: boo
     if answerer.qwen2:
         raise SystemExit("jaxvlm generate: --judger is a LLaVA-1.5 method; this is a Qwen2-VL checkpoint")
     cfg, tok = answerer.cfg, answerer.tok
-    if not 0 <= answerer.args.judger_layer < cfg.text.num_layers:
-        raise SystemExit(f"jaxvlm generate: --judger-layer {answerer.args.judger_layer} is outside the LM's "
-                         f"{cfg.text.num_layers} layers")
+    try:
+        layer = judger.layer_index(answerer.args.judger_layer, cfg.text.num_layers)
+    except ValueError as e:
+        raise SystemExit(f"jaxvlm generate: --judger-layer {e}") from None
     crop_proc = LlavaImageProcessor(answerer.proc.hf, image_size=cfg.vision.image_size,
                                     tokens_per_image=cfg.tokens_per_image, aspect="crop")   # crops are not padded
     images = _images_of(records, image_of, "--judger")
-    n_img = cfg.tokens_per_image
-    general = None
+    crop_size = answerer.args.judger_crop_size
+    crop_size = cfg.vision.image_size if crop_size is None else crop_size
+    if crop_size <= 0:
+        raise SystemExit(f"jaxvlm generate: --judger-crop-size must be a positive number of pixels, got {crop_size}")
+    general = judger.raw_prompt_ids(tok, judger.GENERAL_PROMPT, cfg.image_token_id, cfg.tokens_per_image)
     encoded, boxes = [], []
     for rec, image in tqdm(list(zip(records, images)), desc="attention", unit="q", disable=quiet, file=sys.stderr):
         q = question_of(rec)
         full = answerer.proc(image)
-        pix = full.pixel_values[None]
-        if general is None:
-            general = judger.raw_prompt_ids(tok, judger.GENERAL_PROMPT, cfg.image_token_id, n_img)
-        a_rel = judger.relative_attention(answerer.model, answerer.params,
-                                          judger.raw_prompt_ids(tok, q, cfg.image_token_id, n_img), general, pix,
-                                          layer=answerer.args.judger_layer)
-        box = judger.crop_box(a_rel, image.size, cfg.vision.image_size)
+        a_rel, box = judger.question_crop(answerer.model, answerer.params, tok, q, full.pixel_values[None], image.size,
+                                          layer=layer, bbox_size=crop_size, general_ids=general)
         if answerer.args.judger_png:
             from jaxvlm.viz import save_attention_overlay
             name = str(rec.get("question_id", rec.get("id", len(boxes)))).replace("/", "_")

@@ -102,14 +102,23 @@ def roi_label(top: float, left: float, size: float, width: int, height: int) -> 
     return [round(v / side, 3) for v in roi_box(top, left, size, width, height)]
 
 
+def roi_text(roi: Sequence[float], decimals: int | None = None) -> str:
+    """A ROI label as the assistant writes it: ``str(list)`` as the original (``[0.081, 0.2, 0.92, 0.84]``),
+    or with a fixed number of `decimals` (``[0.08, 0.20, 0.92, 0.84]``) for a tokenizer that reads
+    coordinates of one width as single tokens."""
+    if decimals is None:
+        return str(list(roi))
+    return "[" + ", ".join(f"{v:.{decimals}f}" for v in roi) + "]"
+
+
 def cos_conversation(turns: Sequence[Mapping[str, Any]], question_index: int,
-                     roi: Sequence[float] | None) -> list[dict]:
+                     roi: Sequence[float] | None, decimals: int | None = None) -> list[dict]:
     """A LLaVA record's conversation (alternating human/gpt turns) rewritten for Chain-of-Spot training
     around QA pair `question_index`: ROI question (with the image) -> ROI label -> the question over the
     crop -> the original answer, then every other turn in its original order, the first of them prefixed
     with "Now answer the following questions based on the raw image: ". `roi` is `roi_label`'s box, or
-    None for a record without one (label `FULL_IMAGE_ROI`; the crop is then the whole image).
-    The record's two images are the full image and the crop."""
+    None for a record without one (label `FULL_IMAGE_ROI`; the crop is then the whole image), written by
+    `roi_text(label, decimals)`. The record's two images are the full image and the crop."""
     n_pairs = len(turns) // 2
     if not 0 <= question_index < n_pairs:
         raise ValueError(f"question_index {question_index} is outside the record's {n_pairs} QA pairs")
@@ -123,7 +132,7 @@ def cos_conversation(turns: Sequence[Mapping[str, Any]], question_index: int,
     question = q["value"]
     label = list(FULL_IMAGE_ROI if roi is None else roi)
     out = [{"from": "human", "value": "<image>\n" + ROI_QUESTION_TRAIN.format(question=question)},
-           {"from": "gpt", "value": str(label)},
+           {"from": "gpt", "value": roi_text(label, decimals)},
            dict(q, value=ANSWER_QUESTION.format(question=question)), a]
     out += [t for i, t in enumerate(turns) if i not in (2 * question_index, 2 * question_index + 1)]
     if len(out) > 4:
@@ -133,7 +142,7 @@ def cos_conversation(turns: Sequence[Mapping[str, Any]], question_index: int,
 
 def cos_records(records: Sequence[Mapping[str, Any]], rois: Mapping[str, Mapping[str, Any]], image_root: str,
                 crop_dir: str, *, seed: int = 0, fill: tuple[int, int, int] = (122, 116, 104),
-                progress: bool = False) -> list[dict]:
+                progress: bool = False, decimals: int | None = None) -> list[dict]:
     """LLaVA-format training records -> Chain-of-Spot ones that `jaxvlm train` reads with
     ``data.images_per_sample=2``: each record with an image gets one QA pair chosen at random (seeded), its
     conversation rewritten by `cos_conversation`, and two images: the original and its ROI crop, cut from the
@@ -142,8 +151,9 @@ def cos_records(records: Sequence[Mapping[str, Any]], rois: Mapping[str, Mapping
     rois: the original's ``chain-of-spot.json`` table, keyed ``f"{index:06d}_{id with '/' as '_'}_q{pair}"``
     with ``{"params": [top, left, size]}`` in original-image pixels; a record whose key is absent gets the
     whole-image label and the original image as its crop, as the original falls back. Records without an
-    image are kept as they are. Departure: the original draws the pair again every time it loads a record;
-    here one draw per record is written (call again with another seed for more)."""
+    image are kept as they are. `decimals`: how labels are written (`roi_text`; None: as the original).
+    Departure: the original draws the pair again every time it loads a record; here one draw per record
+    is written (call again with another seed for more)."""
     import os
     import random
     import sys
@@ -173,7 +183,7 @@ def cos_records(records: Sequence[Mapping[str, Any]], rois: Mapping[str, Mapping
             crop = expand_to_square(image, fill).crop(roi_box(*meta["params"], w, h))
             crop_path = os.path.join(os.path.abspath(crop_dir), f"{key}.png")
             crop.save(crop_path)
-        out.append(dict(rec, image=[rec["image"], crop_path], conversations=cos_conversation(turns, pair, label)))
+        out.append(dict(rec, image=[rec["image"], crop_path], conversations=cos_conversation(turns, pair, label, decimals)))
     return out
 
 

@@ -23,6 +23,7 @@ Example:
     >>> a_rel = relative_attention(model, params, q_ids, g_ids, pixels, layer=14)    # [24, 24]
     >>> box = crop_box(np.asarray(a_rel), image.size, 336)
     >>> crop = image.crop(box)
+    >>> a_rel, box = question_crop(model, params, tok, question, pixels, image.size, layer=14)   # the same
 """
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ def _last_token_attention(model, layer: int):
                           positions=positions, attn_layers=(layer,), logits="none")
         return out.attentions[0][:, :, -1]
     return jax.jit(fn)
+
+
+def layer_index(layer: int, num_layers: int) -> int:
+    """`layer` as a 0-based LM layer index; a negative one counts from the last (-1), as Python indexes.
+    ValueError (naming both) where the LM has no such layer."""
+    if not -num_layers <= layer < num_layers:
+        raise ValueError(f"{layer} is outside the LM's {num_layers} layers")
+    return layer % num_layers
 
 
 def raw_prompt_ids(tokenizer, text: str, image_token_id: int, num_image_tokens: int) -> np.ndarray:
@@ -122,6 +131,21 @@ def crop_box(att: np.ndarray, image_size: Sequence[int], bbox_size: int = 336,
     cx = w - half if max(cx, half) > w - half else max(cx, half)
     cy = h - half if max(cy, half) > h - half else max(cy, half)
     return max(0, cx - half), max(0, cy - half), min(w, cx + half), min(h, cy + half)
+
+
+def question_crop(model, params, tokenizer, question: str, pixel_values: np.ndarray, image_size: Sequence[int], *,
+                  layer: int = ATTENTION_LAYER, bbox_size: int = 336,
+                  general_ids: np.ndarray | None = None) -> tuple[np.ndarray, tuple]:
+    """JUDGER's perception for one question: (`relative_attention` `[g, g]`, `crop_box` in the pixels of
+    an image of `image_size` (width, height)). pixel_values: `[1, 3, H, W]`, the image as the model sees
+    it; general_ids: the general prompt's ids, when the caller has them already."""
+    cfg = model.cfg
+    if general_ids is None:
+        general_ids = raw_prompt_ids(tokenizer, GENERAL_PROMPT, cfg.image_token_id, cfg.tokens_per_image)
+    a_rel = relative_attention(model, params, raw_prompt_ids(tokenizer, question, cfg.image_token_id,
+                                                             cfg.tokens_per_image),
+                               general_ids, pixel_values, layer=layer)
+    return a_rel, crop_box(a_rel, image_size, bbox_size)
 
 
 def answer_messages(question: str) -> list[dict]:

@@ -5,6 +5,7 @@ builder takes its own ``numpy`` Generator, so adding a task never shifts another
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ import numpy as np
 
 from . import vocab
 from .language import (OPPOSITE_RELATION, RELATIONS, describe, format_box, grid_region,
-                       grid_region_is_clear, referring_expression, relation_holds)
+                       grid_region_is_clear, referring_expression, relation_holds,
+                       resolve_referring_expression)
 from .scene import ObjectInfo
 
 IMAGE_TOKEN = "<image>"
@@ -58,6 +60,43 @@ def count_question(category: str) -> str:
 
 def colour_count_question(colour: str) -> str:
     return f"How many {colour} shapes are there?"
+
+
+_EXISTENCE = re.compile(r"^Is there an? (?:(?P<colour>[a-z]+) )?(?P<category>[a-z]+) in the image\?$")
+_COUNT = re.compile(r"^How many (?P<noun>[a-z]+)(?P<shapes> shapes)? are there\?$")
+_ASK_ABOUT = re.compile(r"^(?:What colour is|Where is) (?P<expr>.+)\?$")
+_RELATION = re.compile(r"^Is (?P<a>.+?) (?P<rel>" + "|".join(map(re.escape, RELATIONS)) + r") (?P<b>.+)\?$")
+_PLURAL_TO_CATEGORY = {p: c for c, p in vocab.PLURALS.items()}
+
+
+def question_objects(question: str, objects: Sequence[ObjectInfo],
+                     image_size: int) -> list[ObjectInfo] | None:
+    """The objects a VQA or existence question of this world is about (what a region of interest
+    should hold): the matching shapes of an existence or count question (none when absent), the
+    referent of a colour or position question, both objects of a relation question. None when the
+    question is not one this world asks. The short-answer suffix and the image tag are ignored.
+
+        >>> question_objects("How many stars are there?", objects, 112)      # every star
+    """
+    q = " ".join(question.replace(IMAGE_TOKEN, " ").replace(SHORT_ANSWER_PROMPT, " ").split())
+    if m := _EXISTENCE.match(q):
+        colour, category = m["colour"], m["category"]
+        if category not in vocab.CATEGORY_IDS or (colour is not None and colour not in vocab.COLOUR_NAMES):
+            return None
+        return [o for o in objects if o.category == category and colour in (None, o.colour)]
+    if m := _COUNT.match(q):
+        if m["shapes"]:
+            return [o for o in objects if o.colour == m["noun"]] if m["noun"] in vocab.COLOUR_NAMES else None
+        category = _PLURAL_TO_CATEGORY.get(m["noun"])
+        return None if category is None else [o for o in objects if o.category == category]
+    if m := _RELATION.match(q):
+        a = resolve_referring_expression(m["a"], objects, image_size)
+        b = resolve_referring_expression(m["b"], objects, image_size)
+        return a + [o for o in b if o not in a] if len(a) == 1 and len(b) == 1 else None
+    if m := _ASK_ABOUT.match(q):
+        found = resolve_referring_expression(m["expr"], objects, image_size)
+        return found if len(found) == 1 else None
+    return None
 
 
 def _pick(rng: np.random.Generator, items: Sequence):

@@ -1,0 +1,214 @@
+"""The demo's method columns that decode a model tuned for the method: each tuner rewrites the shapes
+world's training records into the method's format and fine-tunes the demo's checkpoint on them with the
+recipe's train loop (`jaxvlm demo` calls them through `TUNERS`; ~100-200 s each on 2 cores).
+
+- REVERSE: captions with every object phrase span-tagged, some with an absent shape tagged </UN>.
+- Chain-of-Spot: one question of each VQA/existence record rewritten into CoS's two turns (ask for the
+  region of interest, then answer over the full image and the ROI crop), the ROI being the square around
+  the objects the question is about, which the world knows exactly (CoS's own ROIs come from relevance maps).
+
+    >>> ckpt = TUNERS["CoS"](ckpt, world, tok_dir, out / "chain-of-spot", steps=400)
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import sys
+from typing import Any, Mapping, Sequence
+
+
+def _tune_config(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.Path, steps: int,
+                 overrides: Sequence[str], *extra: str):
+    """The recipe fine-tuning `ckpt` for `steps` on `out/train.json` (the tuner writes it), with the recipe's
+    optimizer, a 20-step warmup and the tower frozen; `extra`: more recipe keys. Exports `out/checkpoint`."""
+    from jaxvlm.demo import recipe
+    cfg, _ = recipe(out, world, tok_dir, steps, overrides=tuple(overrides) + (
+        f"model.init_from={ckpt}", f"data.path={out / 'train.json'}", "optim.warmup_steps=20",
+        "checkpoint.async_save=False", *extra))
+    return cfg
+
+
+def _train(cfg, records: Sequence[Mapping[str, Any]]) -> pathlib.Path:
+    """Write `records` where `cfg` reads its data and train -> the exported checkpoint."""
+    from jaxvlm.train.loop import train
+    data = pathlib.Path(cfg.data.path)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text(json.dumps(list(records)))
+    train(cfg)
+    return pathlib.Path(cfg.train.export)
+
+
+# ----------------------------------------------------------------------------- REVERSE
+
+NEGATIVE_SHARE = 0.43     # REVERSE's data: 2.9M negative of 6.8M QA turns
+
+
+def reverse_records(records: Sequence[Mapping[str, Any]], seed: int = 0) -> tuple[list[dict], int]:
+    """LLaVA `records` with each caption answer span-tagged as REVERSE's data is: every object phrase as
+    `<SPAN>phrase</CN>`; in a `NEGATIVE_SHARE` of them one phrase has its shape swapped for one the image lacks,
+    tagged `</UN>`, and the answer ends there. Other records are kept. Returns (records, how many negatives)."""
+    import re
+
+    from jaxvlm.data.shapes_world.vocab import CATEGORIES
+    rng = random.Random(seed)
+    shape = re.compile(r"\b(" + "|".join(CATEGORIES) + r")\b")
+    out, negatives = [], 0
+    for r in records:
+        if not r["id"].endswith("_caption"):
+            out.append(dict(r))
+            continue
+        head, body = r["conversations"][1]["value"].split(": ", 1)       # "The image shows N shapes on ...: a, b and c."
+        phrases = re.split(r", | and ", body.rstrip("."))
+        tagged = [f"<SPAN>{p}</CN>" for p in phrases]
+        if rng.random() < NEGATIVE_SHARE:
+            k = rng.randrange(len(phrases))
+            present = {m.group(1) for p in phrases for m in shape.finditer(p)}
+            fake = shape.sub(rng.choice([c for c in CATEGORIES if c not in present]), phrases[k], count=1)
+            text = head + ": " + ", ".join(tagged[:k] + [f"<SPAN>{fake}</UN>"])
+            negatives += 1
+        else:
+            text = head + ": " + (", ".join(tagged[:-1]) + " and " + tagged[-1] if len(tagged) > 1 else tagged[0]) + "."
+        out.append(dict(r, conversations=[r["conversations"][0], dict(r["conversations"][1], value=text)]))
+    return out, negatives
+
+
+def reverse_tune(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.Path, steps: int,
+                 overrides: Sequence[str] = ()) -> pathlib.Path:
+    """`ckpt` fine-tuned on `reverse_records` of the train split (targets inside an </UN> span not trained:
+    `data.reverse_labels`)."""
+    records, n_neg = reverse_records(_train_records(world))
+    print(f"[demo] REVERSE: {n_neg} negative captions; fine-tuning {steps} steps", file=sys.stderr)
+    return _train(_tune_config(ckpt, world, tok_dir, out, steps, overrides, "data.reverse_labels=True"), records)
+
+
+def _train_records(world, kinds: tuple[str, ...] | None = None) -> list[dict]:
+    """The train split's LLaVA records (those whose id ends in one of `kinds`, e.g. ``("_vqa",)``)."""
+    records = json.loads(pathlib.Path(world.llava["train"]).read_text())
+    return records if kinds is None else [r for r in records if r["id"].endswith(kinds)]
+
+
+# ----------------------------------------------------------------------------- Chain-of-Spot
+
+#: A ROI is the square around the question's objects, ROI_MARGIN pixels wider on each side and at least
+#: ROI_MIN_SIDE (half the 112-px image's side, so the crop shows its objects at least 2x), kept inside the image.
+ROI_MARGIN, ROI_MIN_SIDE = 8, 56
+#: Chain-of-Spot's records need room for two images, the ROI turn and the rest (the longest is 343 tokens).
+COS_SEQ_LEN = 352
+
+
+def roi_square(objects: Sequence[Any], image_size: int) -> list[int] | None:
+    """`[top, left, size]` (Chain-of-Spot's ROI parameters, pixels) of the square around `objects`
+    (`ObjectInfo`s, COCO boxes), or None when there are none (the whole image is the ROI)."""
+    if not objects:
+        return None
+    x1 = min(o.bbox[0] for o in objects)
+    y1 = min(o.bbox[1] for o in objects)
+    x2 = max(o.bbox[0] + o.bbox[2] for o in objects)
+    y2 = max(o.bbox[1] + o.bbox[3] for o in objects)
+    side = int(min(image_size, max(ROI_MIN_SIDE, max(x2 - x1, y2 - y1) + 2 * ROI_MARGIN)))
+    left = int(min(max(round((x1 + x2 - side) / 2), 0), image_size - side))
+    top = int(min(max(round((y1 + y2 - side) / 2), 0), image_size - side))
+    return [top, left, side]
+
+
+def cos_rois(records: Sequence[Mapping[str, Any]], instances: Mapping[str, Any], seed: int = 0) -> dict[str, dict]:
+    """Chain-of-Spot's ROI table (`chain_of_spot.cos_records`' `rois`, keyed by record index, id and QA pair)
+    for shapes-world LLaVA records: each question's `roi_square` around `tasks.question_objects`. A question
+    about something absent gets the square around one of the scene's objects drawn at random: were its ROI
+    the whole image, the ROI alone would give the answer away ("no"). Questions the world does not ask get
+    no entry (their ROI is the whole image)."""
+    from jaxvlm.data.shapes_world.tasks import question_objects
+    from jaxvlm.data.shapes_world.world import object_infos
+    rng = random.Random(seed)
+    objects = object_infos(instances)
+    by_file = {im["file_name"]: (im["id"], im["width"]) for im in instances["images"]}
+    table = {}
+    for i, rec in enumerate(records):
+        image_id, size = by_file[pathlib.PurePosixPath(rec["image"]).name]
+        turns, scene = rec["conversations"], objects[image_id]
+        for pair in range(len(turns) // 2):
+            about = question_objects(turns[2 * pair]["value"], scene, size)
+            if about is None:
+                continue
+            square = roi_square(about or [rng.choice(scene)], size)
+            table[f"{i:06d}_{str(rec['id']).replace('/', '_')}_q{pair}"] = {"params": square}
+    return table
+
+
+def cos_tune(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.Path, steps: int,
+             overrides: Sequence[str] = ()) -> pathlib.Path:
+    """`ckpt` fine-tuned on Chain-of-Spot records made from the train split's VQA and existence records
+    (the tasks its column decodes), two images a sample (full image, ROI crop)."""
+    from jaxvlm.methods.chain_of_spot import cos_records
+    records = _train_records(world, ("_vqa", "_exist"))
+    rois = cos_rois(records, json.loads(pathlib.Path(world.instances["train"]).read_text()))
+    cos = cos_records(records, rois, str(world.image_root), str(out / "crops"), decimals=2, progress=True)
+    print(f"[demo] Chain-of-Spot: {len(cos)} records, {len(rois)} questions with a ROI; fine-tuning {steps} steps",
+          file=sys.stderr)
+    cfg = _tune_config(ckpt, world, tok_dir, out, steps, overrides, "data.images_per_sample=2",
+                       f"data.seq_len={COS_SEQ_LEN}")
+    return _train(cfg, cos)
+
+
+# ----------------------------------------------------------------------------- JUDGER
+
+#: JUDGER's crop sides are 1-2x the model's input (336 px) on images of ~500-1000 px; on the 112-px world the
+#: same share of the image is 1-2x 56 px. Its attention layer, 14 of Vicuna-7B's 32, sits mid-depth: here the
+#: second to last (layer 2 of the recipe's 4).
+JUDGER_CROP_SIZE, JUDGER_LAYER = 56, -2
+#: Single-turn records of two images and a short question (the longest is ~150 tokens).
+JUDGER_SEQ_LEN = 160
+
+
+def judger_records(ckpt: pathlib.Path, records: Sequence[Mapping[str, Any]], image_root: str | pathlib.Path,
+                   crop_dir: pathlib.Path, n: int, seed: int = 0) -> list[dict]:
+    """`n` question-answer pairs drawn (seeded) from LLaVA `records`, each as JUDGER's training sample: one
+    turn ``<image><image>\n{question}`` over the full image and the crop that `ckpt`'s own relative attention
+    picks for the question (`judger.question_crop`, stage II), answered with the record's answer (stage III's
+    standard answer). Crops are written to `crop_dir`."""
+    import os
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    from jaxvlm.data.image_processing import load_image
+    from jaxvlm.generate.cli import load_model
+    from jaxvlm.methods import judger
+    _, model, params, tok, proc, _ = load_model(str(ckpt))
+    layer = judger.layer_index(JUDGER_LAYER, model.cfg.text.num_layers)
+    rng = random.Random(seed)
+    pairs = [(r, k) for r in records for k in range(0, len(r["conversations"]) - 1, 2)]
+    general = judger.raw_prompt_ids(tok, judger.GENERAL_PROMPT, model.cfg.image_token_id, model.cfg.tokens_per_image)
+    crop_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for r, k in tqdm(rng.sample(pairs, min(n, len(pairs))), desc="JUDGER crops", unit="q", file=sys.stderr):
+        question = r["conversations"][k]["value"].replace("<image>", "").strip()
+        image: Image.Image = load_image(os.path.join(image_root, r["image"]), str(r["id"]))
+        _, box = judger.question_crop(model, params, tok, question, proc(image).pixel_values[None], image.size,
+                                      layer=layer, bbox_size=JUDGER_CROP_SIZE, general_ids=general)
+        crop = crop_dir / f"{r['id']}_q{k // 2}.png"
+        image.crop(box).save(crop)
+        out.append({"id": f"{r['id']}_q{k // 2}", "image": [r["image"], str(crop.resolve())],
+                    "conversations": [{"from": "human", "value": "<image><image>\n" + question},
+                                      dict(r["conversations"][k + 1])]})
+    return out
+
+
+def judger_tune(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.Path, steps: int,
+                overrides: Sequence[str] = ()) -> pathlib.Path:
+    """`ckpt` fine-tuned as JUDGER's stage III without its judgments: (image, crop, question) -> the standard
+    answer, on the train split's VQA and existence questions (the tasks its column decodes), the crops from
+    `ckpt`'s relative attention. The judgments (GPT-4o's critiques of wrong answers) and the loss that uses
+    them are not released, so that half of the training is not here."""
+    cfg = _tune_config(ckpt, world, tok_dir, out, steps, overrides, "data.images_per_sample=2",
+                       f"data.seq_len={JUDGER_SEQ_LEN}")
+    recs = judger_records(ckpt, _train_records(world, ("_vqa", "_exist")), world.image_root, out / "crops",
+                          steps * cfg.data.batch_size)
+    print(f"[demo] JUDGER: {len(recs)} questions with their crops; fine-tuning {steps} steps", file=sys.stderr)
+    return _train(cfg, recs)
+
+
+#: Methods whose column decodes a model tuned for them: name -> tuner(ckpt, world, tok_dir, out, steps,
+#: overrides) -> tuned checkpoint.
+TUNERS = {"REVERSE": reverse_tune, "CoS": cos_tune, "JUDGER": judger_tune}
