@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from typing import Any, Sequence
 
-from jaxvlm.demo_tuners import JUDGER_CROP_SIZE, JUDGER_LAYER, TUNERS
+from jaxvlm.demo_tuners import JUDGER_CROP_SIZE, JUDGER_LAYER, TUNERS, true_rois
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ASSET = REPO / "assets" / "shapes_llava"
@@ -237,20 +237,27 @@ METHODS = {"UE": (("--ue-layers", "0,1"), ("caption", "reg", "pope_adversarial")
            "REVERSE": (("--reverse", "--temperature", "0", "--reverse-threshold", "0.2", "--max-new-tokens", "128"),
                        ("caption",)),     # (tags make a caption ~3 tokens longer per object)
            "CoS": (("--chain-of-spot", "--max-new-tokens", "16"), ("vqa", "pope_adversarial")),
+           "CoS-ROI": (("--chain-of-spot", "--max-new-tokens", "16"), ("vqa", "pope_adversarial")),
            "JUDGER": (("--judger", "--judger-layer", str(JUDGER_LAYER), "--judger-crop-size", str(JUDGER_CROP_SIZE)),
                       ("vqa", "pope_adversarial"))}
+#: Columns that decode another column's tuned model: CoS-ROI is the CoS model given each question's true ROI
+#: (`demo_tuners.true_rois`) instead of its own, what its answer turn does when the ROI is right.
+TUNED_AS = {"CoS-ROI": "CoS"}
+#: Columns whose questions carry more than the text: name -> (questions, world) -> questions.
+QUESTIONS_OF = {"CoS-ROI": true_rois}
 #: Fine-tuning steps of the methods that decode a model tuned for them (`demo_tuners.TUNERS`; batch 8).
 TUNE_STEPS = 400
 
 
 def decode_all(ckpt: pathlib.Path, world, tasks: dict, out: pathlib.Path, batch_size: int,
-               extra: Sequence[str] = (), predictions: str = "predictions") -> dict[str, pathlib.Path]:
+               extra: Sequence[str] = (), predictions: str = "predictions",
+               questions: str = "questions") -> dict[str, pathlib.Path]:
     """`jaxvlm generate` in batch mode, one engine per task length; `extra` adds its flags (a method's),
-    answers go to `out/predictions/TASK.jsonl`."""
+    questions go to `out/<questions>/TASK.jsonl`, answers to `out/<predictions>/TASK.jsonl`."""
     from jaxvlm.generate import cli as gen
     preds = {}
     for task, (qs, _) in tasks.items():
-        qfile, pfile = out / "questions" / f"{task}.jsonl", out / predictions / f"{task}.jsonl"
+        qfile, pfile = out / questions / f"{task}.jsonl", out / predictions / f"{task}.jsonl"
         qfile.parent.mkdir(parents=True, exist_ok=True)
         pfile.parent.mkdir(parents=True, exist_ok=True)
         qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
@@ -320,15 +327,22 @@ def run_methods(names: Sequence[str], ckpt: pathlib.Path, world, tasks: dict, ou
     """Decode and score each named decoding method (`METHODS`) on its tasks: name -> metrics. A method in
     `TUNERS` decodes a copy of `ckpt` fine-tuned for it (`tune_steps`, recipe `overrides`; `tok_dir`: the
     world's tokenizer)."""
-    results = {}
+    results, tuned = {}, {}
     for name in names:
         flags, method_tasks = METHODS[name]
-        model = ckpt
-        if name in TUNERS:
-            model = TUNERS[name](ckpt, world, tok_dir or out / "tokenizer", out / name.lower(), tune_steps,
-                                 overrides=tuple(overrides))
+        model, tuner = ckpt, TUNED_AS.get(name, name)
+        if tuner in TUNERS:
+            if tuner not in tuned:
+                tuned[tuner] = TUNERS[tuner](ckpt, world, tok_dir or out / "tokenizer", out / tuner.lower(), tune_steps,
+                                             overrides=tuple(overrides))
+            model = tuned[tuner]
         sub = {k: tasks[k] for k in method_tasks}
-        preds = decode_all(model, world, sub, out, batch_size, extra=flags, predictions=f"predictions_{name.lower()}")
+        questions = "questions"
+        if name in QUESTIONS_OF:
+            sub = {k: (QUESTIONS_OF[name](qs, world), ann) for k, (qs, ann) in sub.items()}
+            questions = f"questions_{name.lower()}"
+        preds = decode_all(model, world, sub, out, batch_size, extra=flags, predictions=f"predictions_{name.lower()}",
+                           questions=questions)
         results[name] = evaluate_all(preds, sub, world, out)
         rows = [json.loads(line) for task in method_tasks for line in open(preds[task])]
         if rows and "reverse_attempts" in rows[0]:       # how often REVERSE resampled, for the report
@@ -572,7 +586,7 @@ def main(args) -> int:
         raise SystemExit(f"jaxvlm demo: --save-asset writes {ASSET.relative_to(REPO)}, the LLaVA recipe's checkpoint; "
                          f"--family {args.family} has no shipped asset")
     # the tuners fine-tune with the LLaVA recipe and export a LLaVA checkpoint
-    served = [m for m in METHODS if args.family == "llava" or m not in TUNERS]
+    served = [m for m in METHODS if args.family == "llava" or TUNED_AS.get(m, m) not in TUNERS]
     given = ",".join(served) if args.methods is None else args.methods
     method_names = [m.strip() for m in given.split(",") if m.strip()]
     unknown = [m for m in method_names if m not in METHODS]

@@ -30,13 +30,31 @@ def _tune_config(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.
 
 
 def _train(cfg, records: Sequence[Mapping[str, Any]]) -> pathlib.Path:
-    """Write `records` where `cfg` reads its data and train -> the exported checkpoint."""
+    """Write `records` where `cfg` reads its data and train -> the exported checkpoint. A run left in the
+    workdir by an earlier demo resumes (or is reused once finished) only when it tuned the same checkpoint on
+    the same records with the same config; any other is removed first, so a demo run again with another
+    `--checkpoint` never decodes a copy tuned from the previous one."""
+    import hashlib
+    import shutil
+
     from jaxvlm.train.loop import train
     data = pathlib.Path(cfg.data.path)
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text(json.dumps(list(records)))
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode() + data.read_bytes())
+    base = pathlib.Path(cfg.model.init_from)
+    for f in sorted(p for p in base.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(base)).encode() + f.read_bytes())
+    stamp = data.parent / "tuned_from.sha256"
+    workdir, export = pathlib.Path(cfg.train.workdir), pathlib.Path(cfg.train.export)
+    if (workdir.exists() or export.exists()) and (not stamp.is_file() or stamp.read_text() != h.hexdigest()):
+        print(f"[demo] {workdir.parent}: an earlier tuning run of another checkpoint, data or config; starting over",
+              file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(export, ignore_errors=True)
+    stamp.write_text(h.hexdigest())
     train(cfg)
-    return pathlib.Path(cfg.train.export)
+    return export
 
 
 # ----------------------------------------------------------------------------- REVERSE
@@ -112,13 +130,19 @@ def roi_square(objects: Sequence[Any], image_size: int) -> list[int] | None:
     return [top, left, side]
 
 
+def question_roi(question: str, scene: Sequence[Any], image_size: int, rng: random.Random) -> list[int] | None:
+    """A shapes-world question's ROI, `[top, left, size]`: the `roi_square` around the objects it is about
+    (`tasks.question_objects`), or, when it asks about something absent, around one of the scene's objects
+    drawn with `rng` (were its ROI the whole image, the ROI alone would give the "no" away). None for a
+    question the world does not ask (its ROI is then the whole image)."""
+    from jaxvlm.data.shapes_world.tasks import question_objects
+    about = question_objects(question, scene, image_size)
+    return None if about is None else roi_square(about or [rng.choice(scene)], image_size)
+
+
 def cos_rois(records: Sequence[Mapping[str, Any]], instances: Mapping[str, Any], seed: int = 0) -> dict[str, dict]:
     """Chain-of-Spot's ROI table (`chain_of_spot.cos_records`' `rois`, keyed by record index, id and QA pair)
-    for shapes-world LLaVA records: each question's `roi_square` around `tasks.question_objects`. A question
-    about something absent gets the square around one of the scene's objects drawn at random: were its ROI
-    the whole image, the ROI alone would give the answer away ("no"). Questions the world does not ask get
-    no entry (their ROI is the whole image)."""
-    from jaxvlm.data.shapes_world.tasks import question_objects
+    for shapes-world LLaVA records: each question's `question_roi`."""
     from jaxvlm.data.shapes_world.world import object_infos
     rng = random.Random(seed)
     objects = object_infos(instances)
@@ -126,14 +150,31 @@ def cos_rois(records: Sequence[Mapping[str, Any]], instances: Mapping[str, Any],
     table = {}
     for i, rec in enumerate(records):
         image_id, size = by_file[pathlib.PurePosixPath(rec["image"]).name]
-        turns, scene = rec["conversations"], objects[image_id]
+        turns = rec["conversations"]
         for pair in range(len(turns) // 2):
-            about = question_objects(turns[2 * pair]["value"], scene, size)
-            if about is None:
-                continue
-            square = roi_square(about or [rng.choice(scene)], size)
-            table[f"{i:06d}_{str(rec['id']).replace('/', '_')}_q{pair}"] = {"params": square}
+            square = question_roi(turns[2 * pair]["value"], objects[image_id], size, rng)
+            if square is not None:
+                table[f"{i:06d}_{str(rec['id']).replace('/', '_')}_q{pair}"] = {"params": square}
     return table
+
+
+def true_rois(questions: Sequence[Mapping[str, Any]], world, split: str = "test", seed: int = 0) -> list[dict]:
+    """`jaxvlm generate` question records (`image` as `split/file`) each given its `question_roi` as the ROI
+    answer Chain-of-Spot's first turn would write (`roi`, read by `--chain-of-spot` instead of asking): the
+    demo's CoS-ROI column, what the answer turn makes of a right ROI."""
+    from jaxvlm.data.shapes_world.world import object_infos
+    from jaxvlm.methods.chain_of_spot import roi_label, roi_text
+    instances = json.loads(pathlib.Path(world.instances[split]).read_text())
+    objects = object_infos(instances)
+    images = {f"{split}/{im['file_name']}": im for im in instances["images"]}
+    rng = random.Random(seed)
+    out = []
+    for q in questions:
+        im = images[q["image"]]
+        square = question_roi(q["text"], objects[im["id"]], im["width"], rng)
+        out.append(dict(q) if square is None else
+                   dict(q, roi=roi_text(roi_label(*square, im["width"], im["height"]), decimals=2)))
+    return out
 
 
 def cos_tune(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.Path, steps: int,

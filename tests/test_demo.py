@@ -196,18 +196,23 @@ def test_decode_evaluate_and_pictures(trained):
     assert 0.0 <= methods["UE"]["chair"]["CHAIRi"] <= 1.0 and "vqa" not in methods["UE"]
     assert set(methods["REVERSE"]) == {"chair", "reverse_attempts"} and methods["REVERSE"]["reverse_attempts"] >= 1
     # Chain-of-Spot and JUDGER decode VQA and POPE with models tuned on two images a sample
-    for name, key in (("CoS", "roi"), ("JUDGER", "crop_box")):
+    for name, key in (("CoS", "roi"), ("CoS-ROI", "roi"), ("JUDGER", "crop_box")):
         assert set(methods[name]) == {"vqa", "pope_adversarial", "crop"} and methods[name]["crop"]["questions"] > 0
         rows = [json.loads(line) for line in open(out / f"predictions_{name.lower()}" / "vqa.jsonl")]
         assert all(key in r for r in rows)
-        logs = [json.loads(line) for line in open(out / name.lower() / "train" / "metrics.jsonl") if '"loss"' in line]
+        tuned = D.TUNED_AS.get(name, name).lower()
+        logs = [json.loads(line) for line in open(out / tuned / "train" / "metrics.jsonl") if '"loss"' in line]
         assert logs and logs[-1]["step"] == 6
     assert len(json.loads((out / "judger" / "train.json").read_text())) == 6 * 8      # steps x batch questions
+    # CoS-ROI: the CoS model (tuned once) given each question's true ROI, so its crops hold what is asked about
+    assert not (out / "cos-roi").exists() and methods["CoS-ROI"]["crop"]["hit"] == 1.0
+    given = {q["question_id"]: q["roi"] for q in map(json.loads, open(out / "questions_cos-roi" / "vqa.jsonl"))}
+    assert [r["roi"] for r in map(json.loads, open(out / "predictions_cos-roi" / "vqa.jsonl"))] == list(given.values())
     assert "<SPAN>" not in (out / "predictions_reverse" / "caption.jsonl").read_text()
     logs = [json.loads(line) for line in open(out / "reverse" / "train" / "metrics.jsonl") if '"loss"' in line]
     assert logs and logs[-1]["step"] == 6
     lines = D.format_table(metrics, base, methods).splitlines()
-    assert lines[0].split()[:6] == ["metric", "model", "UE", "REVERSE", "CoS", "JUDGER"]
+    assert lines[0].split()[:7] == ["metric", "model", "UE", "REVERSE", "CoS", "CoS-ROI", "JUDGER"]
     vqa_row = next(ln for ln in lines if ln.startswith("VQA accuracy")).split()
     assert vqa_row[3] == "-" and float(vqa_row[2]) == pytest.approx(metrics["vqa"]["accuracy"], abs=5e-4)
     chair_row = next(ln for ln in lines if ln.startswith("CHAIR-i")).split()
@@ -246,6 +251,39 @@ def test_cos_rois_frame_what_each_question_is_about(trained):
         label = r["conversations"][1]["value"]
         assert label == roi_text(roi_label(*rois[key]["params"], 112, 112), decimals=2)
         assert re.fullmatch(r"\[(\d\.\d\d, ){3}\d\.\d\d\]", label)
+
+
+def test_tuned_copies_are_reused_only_for_the_same_base_and_data(tmp_path, monkeypatch):
+    """A demo run again in the same --out resumes its tuning runs only when base checkpoint, records and config
+    are the same; otherwise the old run is removed before training (it would be decoded in its place)."""
+    import jaxvlm.train.loop as loop
+    from jaxvlm.demo_tuners import _train
+    from jaxvlm.train.config import Config
+    base = tmp_path / "base"
+    (base / "params").mkdir(parents=True)
+    (base / "params" / "w").write_bytes(b"one")
+    cfg = Config(model={"init_from": str(base)}, data={"path": str(tmp_path / "m" / "train.json")},
+                 train={"workdir": str(tmp_path / "m" / "train"), "export": str(tmp_path / "m" / "checkpoint")})
+    seen = []
+
+    def fake_train(c):        # what a finished run leaves: a checkpoint in the workdir and the export
+        seen.append(sorted(p.name for p in (tmp_path / "m" / "train").glob("*")))
+        for d in (c.train.workdir, c.train.export):
+            pathlib.Path(d).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(c.train.workdir) / f"step{len(seen)}").touch()
+    monkeypatch.setattr(loop, "train", fake_train)
+    assert _train(cfg, [{"id": 1}]) == tmp_path / "m" / "checkpoint"
+    _train(cfg, [{"id": 1}])
+    assert seen == [[], ["step1"]]                      # same base, records, config: resumed
+    (base / "params" / "w").write_bytes(b"two")
+    _train(cfg, [{"id": 1}])
+    assert seen[-1] == []                               # another base checkpoint: started over
+    _train(cfg, [{"id": 2}])
+    assert seen[-1] == []                               # other records
+    _train(Config(cfg.to_dict(), optim={"lr": 1}), [{"id": 2}])
+    assert seen[-1] == []                               # another config
+    _train(Config(cfg.to_dict(), optim={"lr": 1}), [{"id": 2}])
+    assert seen[-1] == ["step5"]
 
 
 def test_crop_hits_count_crops_on_the_asked_about_objects(trained, tmp_path):

@@ -269,6 +269,23 @@ def test_chain_of_spot_two_turns_match_transformers(checkpoint, tmp_path, monkey
         assert r["answer"] == hf_greedy(c, cos.answer_messages(q["text"], roi), [img, crop])
     assert any(r["answer"] for r in rows)
 
+    # a question's own ROI (an oracle's) stands for turn 1, and the others still ask for theirs
+    given = "[0.20, 0.10, 0.60, 0.50]"
+    qs = [dict(q, roi=given) if k == 1 else q for k, q in enumerate(c["qs"])]
+    (tmp_path / "q_roi.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+    base[base.index("--questions") + 1] = str(tmp_path / "q_roi.jsonl")
+    assert main([*base, "--output", str(tmp_path / "given.jsonl")]) == 0
+    with_roi = [json.loads(line) for line in (tmp_path / "given.jsonl").read_text().splitlines()]
+    assert [with_roi[0], with_roi[2]] == [rows[0], rows[2]] and with_roi[1]["roi"] == given
+    img = load_image(c["root"] / qs[1]["image"])
+    square = expand_to_square(img, fill)
+    crop = square.crop(tuple(square.size[0] * v for v in box))
+    assert with_roi[1]["answer"] == hf_greedy(c, cos.answer_messages(qs[1]["text"], given), [img, crop])
+    (tmp_path / "q_bad_roi.jsonl").write_text(json.dumps(dict(c["qs"][0], roi=[0.2, 0.1, 0.6, 0.5])) + "\n")
+    base[base.index("--questions") + 1] = str(tmp_path / "q_bad_roi.jsonl")
+    with pytest.raises(SystemExit, match="'roi' must be the ROI answer's text"):
+        main([*base, "--output", str(tmp_path / "bad_roi.jsonl")])
+
     bad = tmp_path / "noimage.jsonl"
     bad.write_text('{"question_id": 1, "text": "hi"}\n')
     base[base.index("--questions") + 1] = str(bad)

@@ -65,6 +65,9 @@ def test_crop_box_centres_on_the_hot_spot_and_keeps_small_images_whole():
     assert x2 - x1 < 1344                                                         # and is a crop
     assert x2 - x1 == y2 - y1 and (x2 - x1) in {336 * r // 2 * 2 for r in judger.RATIOS}
     assert judger.crop_box(att, (320, 240)) == (0, 0, 320, 240)     # the window would be the whole map
+    # a crop side under one cell (--judger-crop-size 20 on 56 px cells): one-cell windows, still on the spot
+    x1, y1, x2, y2 = judger.crop_box(att, (1344, 1344), 20)
+    assert 17 * 56 <= x1 < x2 <= 19 * 56 and 4 * 56 <= y1 < y2 <= 6 * 56
 
 
 def test_relative_attention_matches_transformers_eager(torch_mods):

@@ -102,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write DIR/<question id>.png: the relative attention over the image and the crop box")
     p.add_argument("--chain-of-spot", action="store_true",
                    help="Chain-of-Spot (LLaVA): ask for the question's region of interest, crop it, answer with the "
-                        "image and the crop (jaxvlm.methods.chain_of_spot); answers gain 'roi' and 'roi_cropped'")
+                        "image and the crop (jaxvlm.methods.chain_of_spot); answers gain 'roi' and 'roi_cropped'. A "
+                        "question's own 'roi' (text such as \"[0.1, 0.2, 0.5, 0.6]\") is used instead of asking")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -549,7 +550,8 @@ def _in_order(answers: Iterable[tuple[int, dict]], bar) -> Iterable[tuple[int, d
 
 def chain_of_spot_answers(answerer: Answerer, records: list[dict], image_of, quiet: bool):
     """Chain-of-Spot's two turns for every record (jaxvlm.methods.chain_of_spot): returns
-    answer_chunk(indices, seed) -> [{answer, roi, roi_cropped}]. One engine serves both
+    answer_chunk(indices, seed) -> [{answer, roi, roi_cropped}]. A record's own "roi" (the ROI answer's text:
+    an oracle's, another model's) stands for the model's turn-1 answer, which is then not asked. One engine serves both
     turns: its cache fits twice the longest turn-1 prompt (turn 2 repeats it with a second image and the
     question) plus the ROI and the answer."""
     from tqdm import tqdm
@@ -563,8 +565,16 @@ def chain_of_spot_answers(answerer: Answerer, records: list[dict], image_of, qui
              for q, im in tqdm(list(zip(questions, images)), desc="encode", unit="q", disable=quiet, file=sys.stderr)]
     answerer.build_engine(2 * max(len(i) for i, _ in turn1) + answerer.args.max_new_tokens)
 
+    given = [rec.get("roi") for rec in records]
+    for n, roi in enumerate(given):
+        if roi is not None and not isinstance(roi, str):
+            raise SystemExit(f"jaxvlm generate: --chain-of-spot: question {records[n].get('question_id', n)}'s 'roi' "
+                             f"must be the ROI answer's text, e.g. \"[0.1, 0.2, 0.5, 0.6]\"; got {roi!r}")
+
     def answer_chunk(indices, seed):
-        rois = answerer.answer([turn1[i] for i in indices], seed, indices)
+        ask = [i for i in indices if given[i] is None]       # a question's own ROI skips turn 1
+        asked = dict(zip(ask, answerer.answer([turn1[i] for i in ask], seed, ask) if ask else []))
+        rois = [asked[i] if given[i] is None else given[i] for i in indices]
         turn2, cropped = [], []
         for i, roi in zip(indices, rois):
             crop, ok = cos.crop_to_roi(images[i], roi, answerer.proc.fill)

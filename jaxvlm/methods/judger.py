@@ -109,8 +109,9 @@ def crop_box(att: np.ndarray, image_size: Sequence[int], bbox_size: int = 336,
     cell_w, cell_h = w / cols, h / rows
     best = None                                   # (sharpness, ratio, (x, y), (nx, ny)); first max wins
     for r in ratios:
-        nx = min(int(bbox_size * r / cell_w), cols)
-        ny = min(int(bbox_size * r / cell_h), rows)
+        # at least one cell: a crop side under one cell (a small --judger-crop-size) would leave no window
+        nx = max(1, min(int(bbox_size * r / cell_w), cols))
+        ny = max(1, min(int(bbox_size * r / cell_h), rows))
         if cols - nx < 1 and rows - ny < 1:       # the window would be the whole map
             if r == ratios[0]:
                 return 0, 0, w, h
