@@ -6,8 +6,10 @@ recipe's train loop (`jaxvlm demo` calls them through `TUNERS`; ~100-200 s each 
 - Chain-of-Spot: one question of each VQA/existence record rewritten into CoS's two turns (ask for the
   region of interest, then answer over the full image and the ROI crop), the ROI being the square around
   the objects the question is about, which the world knows exactly (CoS's own ROIs come from relevance maps).
+- JUDGER: VQA/existence questions over the image and the crop the model's own relative attention picks,
+  answered with the standard answer (its stage III without the unreleased judgments).
 
-    >>> ckpt = TUNERS["CoS"](ckpt, world, tok_dir, out / "chain-of-spot", steps=400)
+    >>> tuned = TUNERS["CoS"](ckpt, world, tok_dir, out / "cos", steps=400)
 """
 from __future__ import annotations
 
@@ -198,7 +200,7 @@ def cos_tune(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.Path
 #: same share of the image is 1-2x 56 px. Its attention layer, 14 of Vicuna-7B's 32, sits mid-depth: here the
 #: second to last (layer 2 of the recipe's 4).
 JUDGER_CROP_SIZE, JUDGER_LAYER = 56, -2
-#: Single-turn records of two images and a short question (the longest is ~150 tokens).
+#: Single-turn records of two images and a short question (the longest is 160 tokens, the mean 149).
 JUDGER_SEQ_LEN = 160
 
 
