@@ -88,3 +88,21 @@ def test_init_from_a_converted_checkpoint(tmp_path, capsys):
     assert sorted(p.name for p in (second / "hf_files").iterdir()) == ["tokenizer_config.json"]
     rc, err = run(tmp_path, capsys, f"model.init_from='{tmp_path}'")
     assert rc == 2 and "neither a jaxvlm checkpoint (jaxvlm_config.json) nor a Hugging Face folder" in err
+
+
+def test_resume_with_another_config_is_refused(tmp_path, capsys):
+    """A workdir resumes only with its run's own settings: another learning rate or data seed is an error
+    naming each changed key, before anything is written; more steps, another mesh or logging are fine."""
+    rc, err = run(tmp_path, capsys, "train.steps=2", "checkpoint.every=1", "checkpoint.async_save=False")
+    assert rc == 0, err
+    record = tmp_path / "w" / "run_config.json"
+    saved, metrics = record.read_text(), (tmp_path / "w" / "metrics.jsonl").read_text()
+    rc, err = run(tmp_path, capsys, "train.steps=4", "checkpoint.every=1", "checkpoint.async_save=False",
+                  "optim.default_lr=0.5", "data.seed=3")
+    assert rc == 2 and "holds a run with another config" in err and "-> 0.5" in err, err
+    assert "data.seed: 0 -> 3" in err and "optim.default_lr" in err and "use a new workdir" in err
+    assert record.read_text() == saved and (tmp_path / "w" / "metrics.jsonl").read_text() == metrics
+    rc, err = run(tmp_path, capsys, "train.steps=3", "checkpoint.every=1", "checkpoint.async_save=False",
+                  "train.log_every=1", "mesh.data=4", "mesh.fsdp=2")
+    assert rc == 0, err
+    assert '"resumed_from": 2' in (tmp_path / "w" / "metrics.jsonl").read_text()

@@ -315,6 +315,44 @@ def export_converted(cfg: Config, lc: ModelConfig, trained: Any, spec: "LO.LoraS
 
 # ----------------------------------------------------------------------------- the loop
 
+#: What a resumed run may change: where and on what it runs, how long, what it logs, saves and exports.
+#: Everything else (model, data, optimizer, LoRA, tokens, seed) must be the run's own, or the restored state
+#: and data position would silently continue another experiment.
+RESUMABLE_CHANGES = ("mesh.", "sharding.", "checkpoint.", "train.steps", "train.log_every", "train.workdir",
+                     "train.export", "train.fast_compile", "train.accum_steps", "model.text_remat",
+                     "model.vision_remat")
+RUN_CONFIG = "run_config.json"
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_run_config(workdir: str, cfg: Config, resuming: bool) -> None:
+    """A fresh run records its config in `workdir/run_config.json` (process 0); a resumed one must match it
+    outside `RESUMABLE_CHANGES`, else a ValueError names every differing key, before anything is written.
+    A workdir from before this check (no record) resumes as it did."""
+    path = os.path.join(workdir, RUN_CONFIG)
+    now = json.loads(json.dumps(_flat(cfg.to_dict()), default=str))
+    if resuming and os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = sorted(k for k in set(saved) | set(now)
+                         if not k.startswith(RESUMABLE_CHANGES) and saved.get(k) != now.get(k))
+        if changed:
+            diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+            raise ValueError(f"train.workdir={workdir} holds a run with another config ({diff}"
+                             f"{'; ...' if len(changed) > 6 else ''}); resume it with its own settings (only "
+                             f"{', '.join(k.rstrip('.') for k in RESUMABLE_CHANGES)} may change) or use a new workdir")
+    elif jax.process_index() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(now, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+
 
 def optim_config(cfg: Config, frozen_rows: tuple = ()) -> O.OptimConfig:
     """The train config's `optim` section as an `OptimConfig` (every key passed through by name;
@@ -434,6 +472,7 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
                         async_save=cfg.checkpoint.async_save)
     it = iter(dataset)
     resumed_from = ckpt.latest_step()
+    check_run_config(workdir, cfg, resuming=resumed_from is not None)
     if resumed_from is not None:
         del trainable, params
         state, data_state, _ = ckpt.restore(resumed_from, ST.abstract_state(st_sh, abstract, opt))
