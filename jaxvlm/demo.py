@@ -371,18 +371,16 @@ def crop_hits(preds: dict[str, pathlib.Path], tasks: dict, world, split: str = "
     (`hit`), and the share a crop of the same size placed uniformly at random would hold (`random`, the exact
     expectation). A crop that finds the objects scores above `random`."""
     from jaxvlm.data.shapes_world.tasks import question_objects
-    from jaxvlm.data.shapes_world.world import object_infos
-    insts = json.load(open(world.instances[split]))
-    objects = object_infos(insts)
-    images = {f"{split}/{im['file_name']}": im for im in insts["images"]}
+    from jaxvlm.data.shapes_world.world import scenes_by_file
+    scenes = scenes_by_file(json.load(open(world.instances[split])))
     hit = chance = n = 0.0
     for task, path in preds.items():
         questions = {q["question_id"]: q for q in tasks[task][0]}
         for line in open(path):
             row = json.loads(line)
             q = questions[row["question_id"]]
-            im = images[q["image"]]
-            about = question_objects(q["text"], objects[im["id"]], im["width"])
+            im, scene = scenes[pathlib.PurePosixPath(q["image"]).name]
+            about = question_objects(q["text"], scene, im["width"])
             if not about:
                 continue
             x1, y1, x2, y2 = _crop_of(row, im["width"], im["height"])

@@ -145,16 +145,15 @@ def question_roi(question: str, scene: Sequence[Any], image_size: int, rng: rand
 def cos_rois(records: Sequence[Mapping[str, Any]], instances: Mapping[str, Any], seed: int = 0) -> dict[str, dict]:
     """Chain-of-Spot's ROI table (`chain_of_spot.cos_records`' `rois`, keyed by record index, id and QA pair)
     for shapes-world LLaVA records: each question's `question_roi`."""
-    from jaxvlm.data.shapes_world.world import object_infos
+    from jaxvlm.data.shapes_world.world import scenes_by_file
     rng = random.Random(seed)
-    objects = object_infos(instances)
-    by_file = {im["file_name"]: (im["id"], im["width"]) for im in instances["images"]}
+    scenes = scenes_by_file(instances)
     table = {}
     for i, rec in enumerate(records):
-        image_id, size = by_file[pathlib.PurePosixPath(rec["image"]).name]
+        im, scene = scenes[pathlib.PurePosixPath(rec["image"]).name]
         turns = rec["conversations"]
         for pair in range(len(turns) // 2):
-            square = question_roi(turns[2 * pair]["value"], objects[image_id], size, rng)
+            square = question_roi(turns[2 * pair]["value"], scene, im["width"], rng)
             if square is not None:
                 table[f"{i:06d}_{str(rec['id']).replace('/', '_')}_q{pair}"] = {"params": square}
     return table
@@ -164,16 +163,14 @@ def true_rois(questions: Sequence[Mapping[str, Any]], world, split: str = "test"
     """`jaxvlm generate` question records (`image` as `split/file`) each given its `question_roi` as the ROI
     answer Chain-of-Spot's first turn would write (`roi`, read by `--chain-of-spot` instead of asking): the
     demo's CoS-ROI column, what the answer turn makes of a right ROI."""
-    from jaxvlm.data.shapes_world.world import object_infos
+    from jaxvlm.data.shapes_world.world import scenes_by_file
     from jaxvlm.methods.chain_of_spot import roi_label, roi_text
-    instances = json.loads(pathlib.Path(world.instances[split]).read_text())
-    objects = object_infos(instances)
-    images = {f"{split}/{im['file_name']}": im for im in instances["images"]}
+    scenes = scenes_by_file(json.loads(pathlib.Path(world.instances[split]).read_text()))
     rng = random.Random(seed)
     out = []
     for q in questions:
-        im = images[q["image"]]
-        square = question_roi(q["text"], objects[im["id"]], im["width"], rng)
+        im, scene = scenes[pathlib.PurePosixPath(q["image"]).name]
+        square = question_roi(q["text"], scene, im["width"], rng)
         out.append(dict(q) if square is None else
                    dict(q, roi=roi_text(roi_label(*square, im["width"], im["height"]), decimals=2)))
     return out

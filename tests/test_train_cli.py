@@ -86,20 +86,22 @@ def test_init_from_a_converted_checkpoint(tmp_path, capsys):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     assert sorted(p.name for p in (second / "hf_files").iterdir()) == ["tokenizer_config.json"]
-    rc, err = run(tmp_path, capsys, f"model.init_from='{tmp_path}'")
+    rc, err = run(tmp_path / "fresh", capsys, f"model.init_from='{tmp_path}'")     # a new workdir: not a resume
     assert rc == 2 and "neither a jaxvlm checkpoint (jaxvlm_config.json) nor a Hugging Face folder" in err
 
 
 def test_resume_with_another_config_is_refused(tmp_path, capsys):
     """A workdir resumes only with its run's own settings: another learning rate or data seed is an error
-    naming each changed key, before anything is written; more steps, another mesh or logging are fine."""
+    naming each changed key, before anything is read or written (here before the missing data file, which would
+    fail next); more steps, another mesh or logging are fine."""
     rc, err = run(tmp_path, capsys, "train.steps=2", "checkpoint.every=1", "checkpoint.async_save=False")
     assert rc == 0, err
     record = tmp_path / "w" / "run_config.json"
     saved, metrics = record.read_text(), (tmp_path / "w" / "metrics.jsonl").read_text()
     rc, err = run(tmp_path, capsys, "train.steps=4", "checkpoint.every=1", "checkpoint.async_save=False",
-                  "optim.default_lr=0.5", "data.seed=3")
+                  "optim.default_lr=0.5", "data.seed=3", "data.kind='npz'", f"data.path='{tmp_path / 'no.npz'}'")
     assert rc == 2 and "holds a run with another config" in err and "-> 0.5" in err, err
+    assert "data.kind: 'synthetic' -> 'npz'" in err and "data file not found" not in err
     assert "data.seed: 0 -> 3" in err and "optim.default_lr" in err and "use a new workdir" in err
     assert record.read_text() == saved and (tmp_path / "w" / "metrics.jsonl").read_text() == metrics
     rc, err = run(tmp_path, capsys, "train.steps=3", "checkpoint.every=1", "checkpoint.async_save=False",

@@ -559,17 +559,16 @@ def chain_of_spot_answers(answerer: Answerer, records: list[dict], image_of, qui
     from jaxvlm.methods import chain_of_spot as cos
     if answerer.qwen2:
         raise SystemExit("jaxvlm generate: --chain-of-spot is a LLaVA-1.5 method; this is a Qwen2-VL checkpoint")
-    images = _images_of(records, image_of, "--chain-of-spot")
-    questions = [question_of(rec) for rec in records]
-    turn1 = [answerer.encode_messages(cos.roi_messages(q), [im])
-             for q, im in tqdm(list(zip(questions, images)), desc="encode", unit="q", disable=quiet, file=sys.stderr)]
-    answerer.build_engine(2 * max(len(i) for i, _ in turn1) + answerer.args.max_new_tokens)
-
     given = [rec.get("roi") for rec in records]
     for n, roi in enumerate(given):
         if roi is not None and not isinstance(roi, str):
             raise SystemExit(f"jaxvlm generate: --chain-of-spot: question {records[n].get('question_id', n)}'s 'roi' "
                              f"must be the ROI answer's text, e.g. \"[0.1, 0.2, 0.5, 0.6]\"; got {roi!r}")
+    images = _images_of(records, image_of, "--chain-of-spot")
+    questions = [question_of(rec) for rec in records]
+    turn1 = [answerer.encode_messages(cos.roi_messages(q), [im])
+             for q, im in tqdm(list(zip(questions, images)), desc="encode", unit="q", disable=quiet, file=sys.stderr)]
+    answerer.build_engine(2 * max(len(i) for i, _ in turn1) + answerer.args.max_new_tokens)
 
     def answer_chunk(indices, seed):
         ask = [i for i in indices if given[i] is None]       # a question's own ROI skips turn 1

@@ -389,6 +389,12 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
     if gbs % jax.process_count():
         raise ValueError(f"data.batch_size={gbs} is not divisible by the {jax.process_count()} processes")
     S.check_process_batches(mesh, gbs)
+    # A resume must be the run's own experiment: checked before anything is read or written (tokens.add saves
+    # the grown tokenizer into the workdir, which the old run's export reads).
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep, every=cfg.checkpoint.every,
+                        async_save=cfg.checkpoint.async_save)
+    resumed_from = ckpt.latest_step()
+    check_run_config(workdir, cfg, resuming=resumed_from is not None)
     rules = S.make_rules(cfg.sharding.preset, cfg.sharding.overrides)
     family = family_of(cfg)
     lc = model_config(cfg)
@@ -468,11 +474,7 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
     p_sh = S.param_shardings(logical, abstract, mesh, rules,
                              warn_replicated_bytes=int(cfg.sharding.warn_replicated_mib * 2**20))
     st_sh = ST.state_shardings(p_sh, abstract, opt, mesh)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep, every=cfg.checkpoint.every,
-                        async_save=cfg.checkpoint.async_save)
     it = iter(dataset)
-    resumed_from = ckpt.latest_step()
-    check_run_config(workdir, cfg, resuming=resumed_from is not None)
     if resumed_from is not None:
         del trainable, params
         state, data_state, _ = ckpt.restore(resumed_from, ST.abstract_state(st_sh, abstract, opt))

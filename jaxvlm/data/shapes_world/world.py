@@ -95,6 +95,13 @@ def object_infos(instances: dict[str, Any]) -> dict[int, tuple[ObjectInfo, ...]]
     return {k: tuple(v) for k, v in out.items()}
 
 
+def scenes_by_file(instances: dict[str, Any]) -> dict[str, tuple[dict[str, Any], tuple[ObjectInfo, ...]]]:
+    """Each image of a loaded instances JSON by its bare file name -> (its image entry, its objects), for
+    records that name an image by path (``train/shapes_train_1000001.png``: look up the path's name)."""
+    objects = object_infos(instances)
+    return {im["file_name"]: (im, objects[im["id"]]) for im in instances["images"]}
+
+
 def _categories() -> list[dict[str, Any]]:
     return [{"id": vocab.CATEGORY_IDS[c], "name": c, "supercategory": vocab.SUPERCATEGORIES[c]}
             for c in vocab.CATEGORIES]
