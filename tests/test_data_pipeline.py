@@ -198,7 +198,7 @@ def test_bad_images_error_or_counted_skip(tmp_path, tok, proc):
     assert dict(pipe.skipped.counts) == {"missing_image": 1, "bad_image": 1} and pipe.skipped.total == 2
 
 
-def test_truncation_never_cuts_image_tokens(tmp_path, tok, proc):
+def test_truncation_never_cuts_image_tokens(tmp_path, tok, proc, caplog):
     (tmp_path / "img").mkdir()
     write_image(tmp_path / "img" / "a.png", 9, 9, seed=0)
     path = write_records(tmp_path / "r.jsonl", [llava_record(0, ["a.png"])])
@@ -209,10 +209,31 @@ def test_truncation_never_cuts_image_tokens(tmp_path, tok, proc):
     full = ct.encode("llava_v1", load_records(path)[0].messages, tok, image_token_id=IMAGE_ID,
                      image_token_counts=[TPI])
     assert len(full.input_ids) > 60
-    b = next(iter(make_dataset(**kw)))
+    pipe = make_dataset(**kw)
+    with caplog.at_level("WARNING", logger="jaxvlm.data.pipeline"):
+        b = next(iter(pipe))
     assert b["attention_mask"].sum() == 60 and (b["input_ids"] == IMAGE_ID).sum() == TPI
     np.testing.assert_array_equal(b["input_ids"][0], full.input_ids[:60])
     np.testing.assert_array_equal(b["labels"][0], full.labels[:60])
+    # ... and counted: this cut comes before the first answer token, so the sample trains nothing (said so).
+    answer = np.asarray(full.labels) != ct.IGNORE_INDEX
+    assert not answer[:60].any()
+    assert (pipe.truncated.records, pipe.truncated.label_tokens, pipe.truncated.emptied) == (1, answer.sum(), 1)
+    warned = [r.getMessage() for r in caplog.records if "truncated to max_len" in r.getMessage()]
+    assert len(warned) == 1 and f"record 'r0': {len(full.input_ids)} tokens" in warned[0] and \
+        "lost all of its answer tokens: it trains nothing" in warned[0]
+    # A cut inside the answers: the answer tokens lost are counted and named.
+    kw["max_len"] = len(full.input_ids) - 3
+    lost = int(answer[kw["max_len"]:].sum())
+    assert 0 < lost < answer.sum()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jaxvlm.data.pipeline"):
+        pipe = make_dataset(**kw)
+        b = next(iter(pipe))
+    assert (b["labels"] != ct.IGNORE_INDEX).sum() == answer.sum() - lost
+    assert (pipe.truncated.records, pipe.truncated.label_tokens, pipe.truncated.emptied) == (1, lost, 0)
+    assert any(f"lost {lost} answer token(s)" in r.getMessage() for r in caplog.records)
+    kw["max_len"] = 60
     # Image tokens past max_len: an error naming the record and the image tokens, or a counted skip.
     many = {"id": "many", "image": ["a.png", "a.png"], "conversations": [
         {"from": "human", "value": "<image> What colour is the square? What colour is the square? <image>"},

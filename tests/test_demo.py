@@ -49,6 +49,8 @@ def test_tiny_model_learns(trained):
     assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
     chance = supervised_majority_rate(world, tok)
     assert np.mean([r["accuracy"] for r in logs[-3:]]) > 2 * chance, (logs[-3:], chance)
+    # every record of the world fits the recipe's seq_len: none lost answer tokens to truncation
+    assert [r["data_truncated"] for r in logs] == [0] * len(logs)
     assert (ckpt / "jaxvlm_config.json").is_file()
     # stage 0 ran and seeded the tower (jaxvlm.train.dense_vision; tested on its own in test_dense_vision)
     assert summary["vision"][-1]["step"] == 40 and (out / "vision_pretrain" / "vision_tower.msgpack").is_file()
@@ -383,6 +385,8 @@ def test_tiny_qwen_learns_with_its_stage0_tower_frozen(trained_qwen):
     assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
     chance = supervised_majority_rate(world, tok, "chatml", "<|image_pad|>")
     assert np.mean([r["accuracy"] for r in logs[-3:]]) > 2 * chance, (logs[-3:], chance)
+    # every record of the world fits the recipe's seq_len: none lost answer tokens to truncation
+    assert [r["data_truncated"] for r in logs] == [0] * len(logs)
     assert summary["vision"][-1]["step"] == 30
     from jaxvlm.conversion.converted import load_converted
     from jaxvlm.models.qwen2_vl import Qwen2VLConfig

@@ -34,7 +34,9 @@ Bad records (``on_bad_record``): a missing or undecodable image, more images tha
 ``<image>`` placeholders and images, malformed turns, or a sample whose truncation to ``max_len`` would cut
 through image tokens raise `BadRecordError` naming the record id (and path) with ``"error"``; with ``"skip"``
 the record is dropped, logged and counted in ``Pipeline.skipped`` (counts are per process and restart from zero
-after a resume). Text-only truncation is silent: tokens after ``max_len`` are dropped (labels too).
+after a resume). Text-only truncation is LLaVA's: tokens after ``max_len`` are dropped (labels too). It is not
+silent: the first such record is logged with the answer tokens it lost, and ``Pipeline.truncated`` counts them all
+(``jaxvlm train`` reports the count in its metrics as ``data_truncated``).
 
 Sharding: host ``shard_index`` of ``shard_count`` reads records ``shard_index::shard_count`` (after dropping the
 ``len % shard_count`` tail with ``even_shards``, so every host has the same number of steps per epoch);
@@ -96,6 +98,28 @@ class SkipLog:
         return sum(self.counts.values())
 
 
+class TruncationLog:
+    """Thread-safe count of samples cut to ``max_len`` (text only: a cut through image tokens is an error), the
+    answer (label) tokens they lost, and how many lost every answer token, so they train nothing."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.records = self.label_tokens = self.emptied = 0
+
+    def add(self, rid: str, length: int, max_len: int, dropped: int, kept: int) -> None:
+        with self._lock:
+            first, first_empty = self.records == 0, dropped and not kept and not self.emptied
+            self.records += 1
+            self.label_tokens += dropped
+            self.emptied += int(bool(dropped) and not kept)
+        if first or first_empty:
+            lost = "all of its answer tokens: it trains nothing" if dropped and not kept else \
+                f"{dropped} answer token(s)"
+            log.warning("record %r: %d tokens, truncated to max_len=%d (it lost %s); raise the sequence length "
+                        "or shorten the record. Further truncations are counted, not logged (Pipeline.truncated; "
+                        "data_truncated in jaxvlm train's metrics)", rid, length, max_len, lost)
+
+
 class SampleBuilder:
     """Record -> one fixed-shape sample dict (per-sample arrays; `make_dataset` batches and flattens slots)."""
 
@@ -103,6 +127,7 @@ class SampleBuilder:
                  max_len: int, images_per_sample: int, *, image_root: str | os.PathLike | None = None,
                  image_token_id: int | None = None, pad_token_id: int | None = None,
                  on_bad_record: str = "error", skipped: SkipLog | None = None,
+                 truncated: TruncationLog | None = None,
                  label_transform: Callable[[np.ndarray], np.ndarray] | None = None):
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
@@ -127,6 +152,7 @@ class SampleBuilder:
             raise ValueError("images_per_sample > 0 needs an image_processor")
         self.on_bad_record = on_bad_record
         self.skipped = skipped if skipped is not None else SkipLog()
+        self.truncated = truncated if truncated is not None else TruncationLog()
         self.label_transform = label_transform
 
     def __call__(self, record: Record) -> dict[str, np.ndarray] | None:
@@ -162,6 +188,8 @@ class SampleBuilder:
                 k, a, b = cut[0]
                 raise BadRecordError(rid, "too_long", f"record {rid!r}: {len(ids)} tokens; truncating to "
                                      f"max_len={T} would cut image {k} (image tokens at {a}..{b - 1})")
+            answer = np.asarray(labels) != ct.IGNORE_INDEX
+            self.truncated.add(rid, len(ids), T, int(answer[T:].sum()), int(answer[:T].sum()))
             ids, labels = ids[:T], labels[:T]
         L = len(ids)
         out = {
@@ -191,6 +219,7 @@ class Pipeline:
     skipped: SkipLog
     num_records: int          # records in this host's shard (per epoch)
     steps_per_epoch: int      # batches per epoch on this host when nothing is skipped (unpacked)
+    truncated: TruncationLog = dataclasses.field(default_factory=TruncationLog)   # samples cut to max_len (so far)
 
     def __iter__(self):
         return iter(self.dataset)
@@ -319,10 +348,11 @@ def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root:
         records = load_records(records_path)
     else:
         records = list(records_path)
-    skipped = SkipLog()
+    skipped, truncated = SkipLog(), TruncationLog()
     builder = SampleBuilder(tokenizer, template, image_processor, max_len, images_per_sample,
                             image_root=image_root, image_token_id=image_token_id, pad_token_id=pad_token_id,
-                            on_bad_record=on_bad_record, skipped=skipped, label_transform=label_transform)
+                            on_bad_record=on_bad_record, skipped=skipped, truncated=truncated,
+                            label_transform=label_transform)
 
     total = len(records)
     if even_shards:
@@ -351,4 +381,4 @@ def make_dataset(records_path: str | os.PathLike | Sequence[Record], image_root:
                              bins=pack_bins, seed=seed, token_keys=token_keys, slot_keys=slot_keys)
     it_ds = (it_ds.batch(batch_size, drop_remainder=drop_remainder)
              .map(functools.partial(_flatten_slots, slot_keys=slot_keys)))
-    return Pipeline(it_ds, skipped, num_records, num_records // batch_size)
+    return Pipeline(it_ds, skipped, num_records, num_records // batch_size, truncated)

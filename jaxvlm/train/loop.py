@@ -502,6 +502,7 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
         bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
     meta = {"config": cfg.to_dict(), "vocab_size": lc.text.vocab_size, "new_token_ids": new_ids}
     last: dict = {}
+    truncated = getattr(dataset, "truncated", None)
     t_last, tokens_since, step = time.time(), 0, start
     try:
         for step in range(start + 1, total + 1):
@@ -524,6 +525,8 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
                 now = time.time()
                 last = {k: _scalar(v) for k, v in metrics.items() if k != "finite"}
                 last["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                if truncated is not None:   # samples the pipeline has cut to data.seq_len so far (this process)
+                    last["data_truncated"] = truncated.records
                 t_last, tokens_since = now, 0
                 if writer:
                     writer.write(step, last)
