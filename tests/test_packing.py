@@ -202,3 +202,30 @@ def test_train_packs_through_the_config(world, tok, tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert main(["train", "--config", config, "--no-progress", "--workdir", str(tmp_path / "x"),
                  "--set", "data.pack=True"]) == 2
+
+
+def test_train_reports_truncated_records(world, tok, tmp_path):
+    """`jaxvlm train` reports the pipeline's truncation count as `data_truncated`: none at a seq_len that holds
+    every record, and at least every consumed sample when each is longer than seq_len (text cut after its images,
+    so no record is refused)."""
+    import json
+
+    from jaxvlm.cli import main
+    d, path = world
+    tok.save_pretrained(tmp_path / "tok")
+    config = str(__import__("pathlib").Path(__file__).parents[1] / "configs" / "train_tiny.py")  # as above
+    from jaxvlm.data.conversation import load_records
+    longest = max(len(ct.encode("vicuna_v1", r.messages, tok, image_token_id=4,
+                                image_token_counts=[TPI] * len(r.images)).input_ids) for r in load_records(path))
+    for seq_len, work in ((longest, "fits"), (70, "cut")):
+        sets = [f"data.path={path}", f"data.image_root={d / 'img'}", f"data.tokenizer={tmp_path / 'tok'}",
+                "data.kind=pipeline", f"data.seq_len={seq_len}", "data.images_per_sample=2", "data.batch_size=8",
+                "model.text.vocab_size=448", "model.image_token_id=4", f"model.vision.image_size={IMG}",
+                "model.vision.patch_size=8", "train.steps=2", "train.log_every=1", "train.fast_compile=True"]
+        args = ["train", "--config", config, "--no-progress", "--workdir", str(tmp_path / work)]
+        assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+        rows = [json.loads(line) for line in open(tmp_path / work / "metrics.jsonl") if '"loss"' in line]
+        if work == "fits":
+            assert [r["data_truncated"] for r in rows] == [0, 0]
+        else:                     # every record is 81-91 tokens; the read-ahead may have built more than 16
+            assert longest > 70 and rows[-1]["data_truncated"] >= 2 * 8

@@ -107,14 +107,15 @@ class TruncationLog:
         self.records = self.label_tokens = self.emptied = 0
 
     def add(self, rid: str, length: int, max_len: int, dropped: int, kept: int) -> None:
+        """One sample of `length` tokens cut to `max_len`: `dropped` answer tokens lost, `kept` left."""
+        empty = dropped > 0 and kept == 0
         with self._lock:
-            first, first_empty = self.records == 0, dropped and not kept and not self.emptied
+            say = self.records == 0 or (empty and self.emptied == 0)   # the first cut, and the first emptied
             self.records += 1
             self.label_tokens += dropped
-            self.emptied += int(bool(dropped) and not kept)
-        if first or first_empty:
-            lost = "all of its answer tokens: it trains nothing" if dropped and not kept else \
-                f"{dropped} answer token(s)"
+            self.emptied += empty
+        if say:
+            lost = "all of its answer tokens: it trains nothing" if empty else f"{dropped} answer token(s)"
             log.warning("record %r: %d tokens, truncated to max_len=%d (it lost %s); raise the sequence length "
                         "or shorten the record. Further truncations are counted, not logged (Pipeline.truncated; "
                         "data_truncated in jaxvlm train's metrics)", rid, length, max_len, lost)
@@ -219,7 +220,8 @@ class Pipeline:
     skipped: SkipLog
     num_records: int          # records in this host's shard (per epoch)
     steps_per_epoch: int      # batches per epoch on this host when nothing is skipped (unpacked)
-    truncated: TruncationLog = dataclasses.field(default_factory=TruncationLog)   # samples cut to max_len (so far)
+    # samples cut to max_len so far, counted as they are built (the read-ahead included)
+    truncated: TruncationLog = dataclasses.field(default_factory=TruncationLog)
 
     def __iter__(self):
         return iter(self.dataset)

@@ -525,7 +525,7 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
                 now = time.time()
                 last = {k: _scalar(v) for k, v in metrics.items() if k != "finite"}
                 last["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                if truncated is not None:   # samples the pipeline has cut to data.seq_len so far (this process)
+                if truncated is not None:   # samples cut to data.seq_len so far (this process, read-ahead included)
                     last["data_truncated"] = truncated.records
                 t_last, tokens_since = now, 0
                 if writer:
