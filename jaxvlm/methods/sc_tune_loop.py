@@ -1,8 +1,10 @@
-"""SC-Tune's phase loop: one Qwen-VL-Chat network tuned as describer (PPO) and locator (SFT) in turns.
+"""SC-Tune's phase loop: one VLM tuned as describer (PPO) and locator (SFT) in turns.
 
 The pieces (prompts, box parsing, IoU, advantages, the clipped loss, the locator's labels) live in
-`jaxvlm.methods.sc_tune`; this module runs them as the original trainer does (ivattyue/SC-Tune,
-``transformers/trainer.py`` L549-566, L1955-2260, L755-777):
+`jaxvlm.methods.sc_tune`; who plays the two roles (prompts, box text, batches) in
+`jaxvlm.methods.sc_tune_roles`: Qwen-VL-Chat as the original (the default), or a chat-template
+VLM such as LLaVA (`ChatRoles`). This module runs them as the original trainer does
+(ivattyue/SC-Tune, ``transformers/trainer.py`` L549-566, L1955-2260, L755-777):
 
 - **Describer phase** (`caption_steps` batches): the policy samples a caption of each box (top-k 100,
   top-p 0.3, temperature 1, 3-30 new tokens); the *snapshot* locates it greedily and the IoU with the
@@ -17,16 +19,17 @@ The pieces (prompts, box parsing, IoU, advantages, the clipped loss, the locator
   other half of the cycle), the optimizer state is cleared and the phase's constant learning rate set.
 - AdamW (beta2 0.95, weight decay 0.1 on matrices, global-norm clip 1.0), constant learning rates
   5e-7 (describer) and 1e-6 (locator); the ViT is frozen except its resampler (`attn_pool`), as the
-  original's ``fix_vit``. Training stops once the global step exceeds `max_steps` (the original
+  original's ``fix_vit`` (a LLaVA's vision tower is frozen and its projector trains). Training stops once the global step exceeds `max_steps` (the original
   checks ``global_step > 2400`` after the increment, so it runs 2401 batches).
 
-Quirks kept: the teacher-forced log-probs attend to the prompts' left padding (the original passes
-an all-ones attention mask there; `attend_left_pads=False` masks it as generation does), they are
+Quirks kept (Qwen-VL-Chat): the teacher-forced log-probs attend to the prompts' left padding (the
+original passes an all-ones attention mask there; `attend_left_pads=False` masks it as generation
+does; `ChatRoles` always masks it, as their positions skip it), they are
 taken in eval mode and the PPO forward in train mode (no logn / dynamic NTK; inert below the
 model's ``seq_length``), the reward sits on the last column of the padded generation, and rewards
-and advantages are not normalised. Departures: the engine never emits image-span tokens (`<img>`,
-`</img>`, `<imgpad>`: one sampled by a random or broken model would make the next forward read a
-bogus image span; a trained model does not emit them); the KL averages the original logs in the
+and advantages are not normalised. Departures: the engine never emits image tokens (Qwen-VL's
+`<img>`, `</img>`, `<imgpad>`, LLaVA's `<image>`: one sampled by a random or broken model would make
+the next forward read a bogus image span; a trained model does not emit them); the KL averages the original logs in the
 locator phase are not computed (they feed nothing); an unreadable image stops the run with its path
 (the original silently swaps in a random record).
 
@@ -39,6 +42,7 @@ Example:
     >>> tok = QwenTokenizer.from_dir("Qwen-VL-Chat/")
     >>> tuner = SCTune(QwenVL(cfg), params, tok, SCTuneConfig(max_steps=1200), batch_size=16)
     >>> summary = tuner.train(read_box_records("object365.json"), "images/", out_dir="out/sc_tune")
+    >>> llava = SCTune(Llava(cfg), params, tok, roles=ChatRoles(Llava(cfg), tok, proc, "vicuna_v1"))
 """
 from __future__ import annotations
 
@@ -55,15 +59,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxvlm.data.image_processing import load_image
-from jaxvlm.data.qwen_vl_processing import pad_batch, preprocess_images, raw_prompt_batch
 from jaxvlm.generate import Engine, SamplerConfig
 from jaxvlm.generate.engine import Generation
 from jaxvlm.generate.hooks import Hooks
 from jaxvlm.jsonio import read_json_or_jsonl
-from jaxvlm.methods.sc_tune import (box_iou, box_to_qwen, caption_advantages, describer_prompt, find_bbox,
-                                    locator_labels, locator_prompt, ppo_loss, token_mask)
+from jaxvlm.methods.sc_tune import caption_advantages, ppo_loss
+from jaxvlm.methods.sc_tune_roles import QwenVLChatRoles
 from jaxvlm.models.params import logical_axes
-from jaxvlm.models.qwen_vl import QwenVL, example_inputs
 from jaxvlm.train import mesh as M
 from jaxvlm.train import optim as O
 from jaxvlm.train import sharding as S
@@ -156,36 +158,36 @@ def banning_hooks(ids: tuple[int, ...]) -> Hooks:
     return Hooks(rule=functools.partial(_ban_tokens, ids))
 
 
-def teacher_forced_logprobs(model: QwenVL, params: Any, batch: Mapping[str, Array], *, train: bool,
-                            ntk_seq_len: Array | None = None) -> Array:
+def teacher_forced_logprobs(model: Any, params: Any, batch: Mapping[str, Array], **model_kwargs) -> Array:
     """`[B, G]` log-probs of the generated tokens `input_ids[:, -G:]` (G = `gen_mask`'s width) given
-    what precedes them. Only the generated span goes through the LM head."""
+    what precedes them (`model_kwargs`: the roles' `forward_kwargs`). Only the generated span goes
+    through the LM head."""
     ids = batch["input_ids"]
     g = batch["gen_mask"].shape[1]
     out = model.apply({"params": params}, ids, batch["pixel_values"], attention_mask=batch["attention_mask"],
-                      positions=batch["positions"], ntk_seq_len=ntk_seq_len, train=train, logits="none")
+                      logits="none", **model_kwargs)
     h = out.final_hidden[:, -g - 1:-1]
     logits = model.apply({"params": params}, h, False, method="logit_lens").astype(jnp.float32)
     lp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(lp, ids[:, -g:, None], axis=-1)[..., 0]
 
 
-def ppo_loss_fn(model: QwenVL, clip_range: float, max_ratio: float):
+def ppo_loss_fn(model: Any, roles: Any, clip_range: float, max_ratio: float):
     """`make_train_step` loss: the describer's clipped surrogate on a rollout batch."""
     def loss_fn(params, batch, rng):
-        lp = teacher_forced_logprobs(model, params, batch, train=True)
+        lp = teacher_forced_logprobs(model, params, batch, **roles.forward_kwargs(batch["positions"], train=True))
         return ppo_loss(lp, batch["logprob_old"], batch["advantages"], batch["gen_mask"], clip_range, max_ratio)
     return loss_fn
 
 
-def sft_loss_fn(model: QwenVL):
+def sft_loss_fn(model: Any, roles: Any):
     """`make_train_step` loss: the locator's cross-entropy on right-padded caption -> box targets. Only
     the answer window goes through the LM head (`window_start [B]`: the position predicting each row's
     first target; `window_labels [B, K]`, -100 past a row's targets): the same loss as the full-sequence
     shifted cross-entropy, without `[B, T, vocab]` logits."""
     def loss_fn(params, batch, rng):
         out = model.apply({"params": params}, batch["input_ids"], batch["pixel_values"],
-                          attention_mask=batch["attention_mask"], train=True, logits="none")
+                          attention_mask=batch["attention_mask"], logits="none", **roles.forward_kwargs(None, train=True))
         k = batch["window_labels"].shape[1]
         idx = batch["window_start"][:, None] + jnp.arange(k)[None]
         h = jnp.take_along_axis(out.final_hidden, jnp.minimum(idx, out.final_hidden.shape[1] - 1)[..., None], axis=1)
@@ -213,34 +215,33 @@ def answer_window(labels: np.ndarray, multiple: int = 8) -> tuple[np.ndarray, np
 # ----------------------------------------------------------------------------- the loop
 
 
-def locate_iou(found: Sequence[Sequence[int]], boxes: Sequence[Sequence[float]]) -> np.ndarray:
-    """`[B]` IoU of located boxes (Qwen integers) with the input boxes (normalised), in Qwen's space."""
-    return box_iou(np.asarray(found), np.asarray([box_to_qwen(b) for b in boxes]))[:, 0]
-
-
 @dataclasses.dataclass
 class Rollout:
     """One describe -> locate pass: captions (text), their tokens `[B, n]` (pad after EOS), the
-    located boxes (Qwen integers) and IoU `[B]` with the input boxes."""
+    located boxes (in the roles' box space: Qwen integers, a LLaVA's fractions) and IoU `[B]` with
+    the input boxes."""
 
     captions: list[str]
     caption_tokens: np.ndarray
-    boxes: list[list[int]]
+    boxes: list[list[float]]
     iou: np.ndarray
 
 
 class SCTune:
     """The phase loop over one model. `params` may be host arrays; they are placed on the mesh.
 
+    roles: who plays describer and locator (`jaxvlm.methods.sc_tune_roles`); default the original's
+        Qwen-VL-Chat roles for a `QwenVL` and its `QwenTokenizer`.
     batch_size: rows per global step (the original: 16 per GPU x 8); must divide by the mesh's
         data-parallel size. mesh: default all devices on the fsdp axis.
-    max_len: decode cache slots: a prompt (the 256 image tokens, the box or the caption) plus its answer.
+    max_len: decode cache slots: a prompt (the image tokens, the box or the caption) plus its answer.
     """
 
-    def __init__(self, model: QwenVL, params: Any, tokenizer: Any, cfg: SCTuneConfig = SCTuneConfig(), *,
-                 batch_size: int = 16, mesh: Mesh | None = None, rules: S.Rules | None = None, max_len: int = 512,
-                 compiler_options: dict | None = None):
+    def __init__(self, model: Any, params: Any, tokenizer: Any, cfg: SCTuneConfig = SCTuneConfig(), *,
+                 roles: Any = None, batch_size: int = 16, mesh: Mesh | None = None, rules: S.Rules | None = None,
+                 max_len: int = 512, compiler_options: dict | None = None):
         self.model, self.tok, self.cfg = model, tokenizer, cfg
+        self.roles = roles = roles if roles is not None else QwenVLChatRoles(model, tokenizer)
         self.mesh = mesh if mesh is not None else M.make_mesh(M.MeshConfig())
         self.rules = rules if rules is not None else S.make_rules("fsdp_tp")
         dp = M.data_parallel_size(self.mesh)
@@ -248,19 +249,17 @@ class SCTune:
             raise ValueError(f"batch_size={batch_size} is not divisible by the mesh's data-parallel size {dp} "
                              f"(data={self.mesh.shape['data']} x fsdp={self.mesh.shape['fsdp']})")
         self.batch_size, self.max_len = int(batch_size), int(max_len)
-        self.image_size = model.cfg.visual.image_size
-        eod = tokenizer.eod_id
-        self.ban = (model.cfg.image_start_id, model.cfg.image_end_id, model.cfg.image_pad_id)
         sampler = SamplerConfig(top_k=cfg.top_k, top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens,
-                                eos_token_ids=(eod,), pad_token_id=eod)
+                                eos_token_ids=tuple(roles.eos_ids), pad_token_id=roles.pad_id)
         # Greedy rows skip the warpers, so one engine serves the sampled describer and the greedy roles.
         self.engine = Engine(model, batch_size=self.batch_size, max_len=self.max_len, sampler=sampler,
-                             hooks=banning_hooks(self.ban), positions="slots",
+                             hooks=banning_hooks(tuple(roles.ban_ids)), positions=roles.engine_positions,
                              buckets=tuple(range(PROMPT_BUCKET, self.max_len + 1, PROMPT_BUCKET)))
 
-        logical = logical_axes(model, *example_inputs(model.cfg))
+        logical = logical_axes(model, *roles.example_inputs)
         abstract = jax.eval_shape(lambda p: p, params)
-        frozen = () if cfg.train_vit else (O.Group("fixed_vit", r"visual/(?!attn_pool/).*", None),)
+        pattern = roles.frozen(cfg.train_vit)
+        frozen = () if pattern is None else (O.Group("fixed_vit", pattern, None),)
         self.optimizers = {
             phase: O.make_optimizer(O.OptimConfig(groups=frozen, default_lr=lr, schedule="constant", b1=cfg.b1,
                                                   b2=cfg.b2, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm),
@@ -270,15 +269,17 @@ class SCTune:
         self.state_sh = ST.state_shardings(self.param_sh, abstract, self.optimizers["caption"], self.mesh)
         shardings = StepShardings(self.mesh, self.rules, self.state_sh)
         self.steps = {
-            "caption": make_train_step(ppo_loss_fn(model, cfg.clip_range, cfg.max_ratio), self.optimizers["caption"],
-                                       shardings, compiler_options=compiler_options),
-            "bbox": make_train_step(sft_loss_fn(model), self.optimizers["bbox"], shardings,
+            "caption": make_train_step(ppo_loss_fn(model, roles, cfg.clip_range, cfg.max_ratio),
+                                       self.optimizers["caption"], shardings, compiler_options=compiler_options),
+            "bbox": make_train_step(sft_loss_fn(model, roles), self.optimizers["bbox"], shardings,
                                     compiler_options=compiler_options)}
         self._new_state = {phase: jax.jit(lambda p, o=opt: ST.create_train_state(p, o, jax.random.key(cfg.seed)),
                                           out_shardings=self.state_sh) for phase, opt in self.optimizers.items()}
         self._copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_sh)
-        self._logprobs = jax.jit(lambda p, b, n: teacher_forced_logprobs(model, p, b, train=False, ntk_seq_len=n),
-                                 compiler_options=compiler_options)
+        self._logprobs = jax.jit(
+            lambda p, b, n: teacher_forced_logprobs(model, p, b, **roles.forward_kwargs(b["positions"], train=False,
+                                                                                        ntk_seq_len=n)),
+            compiler_options=compiler_options)
         self.restart(params)
 
     def restart(self, params: Any, phase: str = "caption", global_step: int = 0) -> None:
@@ -302,49 +303,48 @@ class SCTune:
 
     def describe(self, params, images, boxes, *, sample: bool, rng: int = 0) -> tuple[dict, Generation, list[str]]:
         """(prompt batch, generation, captions) of each box (normalised corners) on its image."""
-        batch = raw_prompt_batch(self.tok, [describer_prompt(b) for b in boxes], [[im] for im in images],
-                                 size=self.image_size)
+        batch = self.roles.describe_batch(images, boxes)
         gen = self.generate(params, batch, self.cfg.caption_new_tokens,
                             self.cfg.temperature if sample else 0.0, rng)
-        caps = [self.tok.decode(row.tolist(), skip_special_tokens=True).strip() for row in gen.tokens]
-        return batch, gen, caps
+        return batch, gen, [self.roles.caption(row) for row in gen.tokens.tolist()]
 
-    def locate(self, params, images, captions: Sequence[str]) -> list[list[int]]:
-        """Greedy boxes (Qwen integers) for the captions; `[0, 0, 0, 0]` where none parses."""
-        batch = raw_prompt_batch(self.tok, [locator_prompt(c) for c in captions], [[im] for im in images],
-                                 size=self.image_size)
-        toks = self.generate(params, batch, self.cfg.box_new_tokens, 0.0, 0).tokens
-        # the original searches the decoded prompt + answer with special tokens kept
-        return [find_bbox(self.tok.decode(list(p[m > 0]) + list(t), skip_special_tokens=False).strip())
-                for p, m, t in zip(batch["input_ids"], batch["attention_mask"], toks.tolist())]
+    def locate(self, params, images, captions: Sequence[str]) -> list[list[float]]:
+        """Greedy boxes (the roles' box space) for the captions; `[0, 0, 0, 0]` where none parses."""
+        batch = self.roles.locate_batch(images, captions)
+        return self.roles.found_boxes(batch, self.generate(params, batch, self.cfg.box_new_tokens, 0.0, 0).tokens)
 
     def cycle(self, describer, locator, images, boxes, *, sample: bool, rng: int = 0) -> tuple[dict, Rollout]:
         """describe with `describer` -> locate with `locator` -> IoU with the input boxes."""
         batch, gen, caps = self.describe(describer, images, boxes, sample=sample, rng=rng)
         found = self.locate(locator, images, caps)
-        return batch, Rollout(caps, gen.tokens, found, locate_iou(found, boxes))
+        return batch, Rollout(caps, gen.tokens, found, self.roles.iou(found, boxes, images))
 
     def rollout_batch(self, prompt: Mapping[str, np.ndarray], tokens: np.ndarray) -> tuple[dict, int]:
         """Prompt + generated tokens laid out for teacher forcing: `[B, Pb + G]` with the prompt
         left-padded to a bucket (the extra columns masked and not counted in the positions) and the
-        tokens right-padded with EOS to G = `caption_new_tokens`. Returns (batch, original width)."""
+        tokens right-padded with the roles' pad (EOS) to G = `caption_new_tokens`. Positions are
+        the engine's: Qwen-VL-Chat's count the prompt's own left pads, a chat model's only real
+        tokens. Returns (batch, original width)."""
         ids, mask = np.asarray(prompt["input_ids"]), np.asarray(prompt["attention_mask"])
         b, p = ids.shape
         w, g = tokens.shape[1], self.cfg.caption_new_tokens
         pb = -(-p // PROMPT_BUCKET) * PROMPT_BUCKET
-        eod = self.tok.eod_id
-        full = np.full((b, pb + g), eod, np.int32)
+        pad = self.roles.pad_id
+        full = np.full((b, pb + g), pad, np.int32)
         full[:, pb - p:pb] = ids
         full[:, pb:pb + w] = tokens
         att = np.zeros((b, pb + g), np.int32)
-        att[:, pb - p:pb] = 1 if self.cfg.attend_left_pads else mask
+        slots = self.roles.engine_positions == "slots"
+        att[:, pb - p:pb] = 1 if slots and self.cfg.attend_left_pads else mask
         att[:, pb:pb + w] = 1
-        positions = np.broadcast_to(np.arange(pb + g, dtype=np.int32) - (pb - p), (b, pb + g)).copy()
-        gen = np.full((b, g), eod, np.int32)
+        if slots:
+            positions = np.broadcast_to(np.arange(pb + g, dtype=np.int32) - (pb - p), (b, pb + g)).copy()
+        else:
+            positions = np.maximum(np.cumsum(att, axis=1, dtype=np.int32) - 1, 0)
+        gen = np.full((b, g), pad, np.int32)
         gen[:, :w] = tokens
         return dict(input_ids=full, attention_mask=att, positions=positions,
-                    pixel_values=np.asarray(prompt["pixel_values"]),
-                    gen_mask=np.asarray(token_mask(jnp.asarray(gen), eod), np.int32)), p + w
+                    pixel_values=np.asarray(prompt["pixel_values"]), gen_mask=self.roles.gen_mask(gen)), p + w
 
     # --------------------------------------------------------------- the two phases
 
@@ -382,7 +382,7 @@ class SCTune:
     def locator_step(self, images, boxes) -> dict:
         _, _, caps = self.describe(self.snapshot, images, boxes, sample=False)
         # the policy's own locate IoU, for the log (the original computes it the same way)
-        iou = locate_iou(self.locate(self.state.params, images, caps), boxes)
+        iou = self.roles.iou(self.locate(self.state.params, images, caps), boxes, images)
         batch = self.locator_batch(caps, boxes, images)
         self.state, m = self.steps["bbox"](self.state, self._shard(batch))
         self._check_finite(m)
@@ -391,13 +391,9 @@ class SCTune:
 
     def locator_batch(self, captions: Sequence[str], boxes, images) -> dict:
         """Right-padded `caption -> ground-truth box` targets (width bucketed) with their labels."""
-        rows = [self.tok.raw_prompt(locator_prompt(c, box_to_qwen(b))) for c, b in zip(captions, boxes)]
-        width = -(-max(len(r) for r in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
-        ids, mask = pad_batch(rows, self.tok.eod_id, "right", width)
-        labels = locator_labels(ids, self.tok.eod_id, self.tok.box_start_id).astype(np.int32)
-        start, window = answer_window(labels)
-        return dict(input_ids=ids, attention_mask=mask, pixel_values=preprocess_images(images, self.image_size),
-                    labels=labels, window_start=start, window_labels=window)
+        batch = self.roles.locator_batch(captions, boxes, images, PROMPT_BUCKET)
+        start, window = answer_window(batch["labels"])
+        return dict(batch, window_start=start, window_labels=window)
 
     def _check_finite(self, m) -> None:
         if not bool(m["finite"]):
