@@ -6,7 +6,7 @@
    `--family qwen2_5_vl`, the tiny Qwen2.5-VL recipe (`configs/shapes_qwen2_vl.py`, always trained);
 3. decode the test split with `jaxvlm generate` (captions, VQA, POPE adversarial, REC, REG);
 4. score it with `jaxvlm eval` (CHAIR, POPE, VQA accuracy, REC Acc@0.5, METEOR) beside baselines;
-   each decoding method (`METHODS`: UE, REVERSE, Chain-of-Spot, JUDGER) adds a column, decoded with its
+   each decoding method (`METHODS`: UE, REVERSE, Chain-of-Spot, JUDGER, SC-Tune) adds a column, decoded with its
    `jaxvlm generate` flags from the model or, for those that need one, a copy fine-tuned for it
    (`jaxvlm.demo_tuners`);
 5. write PNGs: predicted boxes, attention over the image, a logit-lens heatmap.
@@ -233,13 +233,16 @@ MAX_NEW = {"caption": 96, "vqa": 8, "pope_adversarial": 6, "rec": 28, "reg": 16}
 #: two-turn form; its column decodes VQA and POPE, as its paper reports (16 new tokens fit the ROI).
 #: JUDGER answers over the image and the crop its relative attention picks, from a model `demo_tuners.judger_tune`
 #: fine-tuned on such pairs (its stage III without the unreleased judgments); VQA and POPE as well.
+#: SC-Tune decodes a model tuned by its describer/locator loop (`demo_tuners.sc_tune_tune`) on the object-level
+#: tasks its paper reports (REC, REG) and the image-level ones it must keep (VQA, captions), plain greedy.
 METHODS = {"UE": (("--ue-layers", "0,1"), ("caption", "reg", "pope_adversarial")),
            "REVERSE": (("--reverse", "--temperature", "0", "--reverse-threshold", "0.2", "--max-new-tokens", "128"),
                        ("caption",)),     # (tags make a caption ~3 tokens longer per object)
            "CoS": (("--chain-of-spot", "--max-new-tokens", "16"), ("vqa", "pope_adversarial")),
            "CoS-ROI": (("--chain-of-spot", "--max-new-tokens", "16"), ("vqa", "pope_adversarial")),
            "JUDGER": (("--judger", "--judger-layer", str(JUDGER_LAYER), "--judger-crop-size", str(JUDGER_CROP_SIZE)),
-                      ("vqa", "pope_adversarial"))}
+                      ("vqa", "pope_adversarial")),
+           "SC-Tune": ((), ("rec", "reg", "vqa", "caption"))}
 #: Columns that decode another column's tuned model: CoS-ROI is the CoS model given each question's true ROI
 #: (`demo_tuners.true_rois`) instead of its own, what its answer turn does when the ROI is right.
 TUNED_AS = {"CoS-ROI": "CoS"}

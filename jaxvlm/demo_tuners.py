@@ -8,6 +8,9 @@ recipe's train loop (`jaxvlm demo` calls them through `TUNERS`; ~100-200 s each 
   the objects the question is about, which the world knows exactly (CoS's own ROIs come from relevance maps).
 - JUDGER: VQA/existence questions over the image and the crop the model's own relative attention picks,
   answered with the standard answer (its stage III without the unreleased judgments).
+- SC-Tune: not the train loop but SC-Tune's own phase loop (`jaxvlm.methods.sc_tune_loop` with
+  `ChatRoles`): the model describes a referable object's box and locates its own description, PPO on the
+  describer with the locate IoU as reward, SFT of the locator on the snapshot's descriptions.
 
     >>> tuned = TUNERS["CoS"](ckpt, world, tok_dir, out / "cos", steps=400)
 """
@@ -36,27 +39,33 @@ def _train(cfg, records: Sequence[Mapping[str, Any]]) -> pathlib.Path:
     workdir by an earlier demo resumes (or is reused once finished) only when it tuned the same checkpoint on
     the same records with the same config; any other is removed first, so a demo run again with another
     `--checkpoint` never decodes a copy tuned from the previous one."""
-    import hashlib
     import shutil
 
     from jaxvlm.train.loop import train
     data = pathlib.Path(cfg.data.path)
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text(json.dumps(list(records)))
-    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode() + data.read_bytes())
-    base = pathlib.Path(cfg.model.init_from)
-    for f in sorted(p for p in base.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(base)).encode() + f.read_bytes())
+    digest = _tuning_digest(pathlib.Path(cfg.model.init_from),
+                            json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode() + data.read_bytes())
     stamp = data.parent / "tuned_from.sha256"
     workdir, export = pathlib.Path(cfg.train.workdir), pathlib.Path(cfg.train.export)
-    if (workdir.exists() or export.exists()) and (not stamp.is_file() or stamp.read_text() != h.hexdigest()):
+    if (workdir.exists() or export.exists()) and (not stamp.is_file() or stamp.read_text() != digest):
         print(f"[demo] {workdir.parent}: an earlier tuning run of another checkpoint, data or config; starting over",
               file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(export, ignore_errors=True)
-    stamp.write_text(h.hexdigest())
+    stamp.write_text(digest)
     train(cfg)
     return export
+
+
+def _tuning_digest(ckpt: pathlib.Path, settings: bytes) -> str:
+    """What a tuned copy depends on: `settings` (config and data) and every file of the base checkpoint."""
+    import hashlib
+    h = hashlib.sha256(settings)
+    for f in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(ckpt)).encode() + f.read_bytes())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- REVERSE
@@ -249,6 +258,77 @@ def judger_tune(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.P
     return _train(cfg, recs)
 
 
+# ----------------------------------------------------------------------------- SC-Tune
+
+#: SC-Tune on the demo's LLaVA: the original's settings (`SCTuneConfig`'s defaults: a fresh snapshot and
+#: optimizer at each switch, PPO's KL, clip and sampling) except that the run is one describer-then-locator
+#: cycle in the original's 2:1 proportion (its phases are 200 and 100 steps; it runs 8 cycles), the learning
+#: rates keep the original's ratio to its base model's fine-tuning rate (Qwen-VL-Chat's 1e-5 : 5e-7 describer,
+#: 1e-6 locator) against the recipe's 3e-4, the world's descriptions are 2-6 tokens (the original's 3-token
+#: minimum would pad "the star" with a third), and its boxes ~10 tokens.
+SC_TUNE = dict(caption_lr=1.5e-5, bbox_lr=3e-5, min_new_tokens=1, caption_new_tokens=12, box_new_tokens=16)
+SC_TUNE_BATCH = 8
+
+
+def sc_tune_records(world, split: str = "train") -> list[dict]:
+    """SC-Tune's box records (`{"image_id", "bbox"}`, corners as fractions of the image, as the original's
+    object365.json) for the split's referable objects: the world's RefCOCOg-style refs, each of which has
+    an unambiguous description, so a perfect describer-locator cycle exists."""
+    sizes = {im["id"]: (im["width"], im["height"])
+             for im in json.loads(pathlib.Path(world.instances[split]).read_text())["images"]}
+    out = []
+    for ref in json.loads(pathlib.Path(world.refs_json).read_text()):
+        if ref["split"] == split:
+            (w, h), (x, y, bw, bh) = sizes[ref["image_id"]], ref["bbox"]
+            out.append({"image_id": ref["file_name"], "bbox": [x / w, y / h, (x + bw) / w, (y + bh) / h]})
+    return out
+
+
+def sc_tune_tune(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.Path, steps: int,
+                 overrides: Sequence[str] = ()) -> pathlib.Path:
+    """`ckpt` tuned by SC-Tune's phase loop (one cycle: 2/3 of `steps` describer, then locator steps, batch
+    `SC_TUNE_BATCH`; `SC_TUNE`) over the train split's
+    referable objects, the describer asked with the world's REG prompt and the locator with its REC prompt
+    (`ChatRoles`); written to `out/checkpoint` (reused when an earlier run tuned the same checkpoint with the
+    same settings). `tok_dir` and `overrides` (the recipe's) do not apply: the tokenizer is the checkpoint's
+    and SC-Tune does not run the recipe's train loop."""
+    import shutil
+
+    import jax
+
+    from jaxvlm.conversion.converted import hf_files_of, save_converted
+    from jaxvlm.data.shapes_world.tasks import REC_PROMPT, REG_PROMPT
+    from jaxvlm.generate.cli import load_model
+    from jaxvlm.methods.sc_tune_loop import SCTune, SCTuneConfig
+    from jaxvlm.methods.sc_tune_roles import ChatRoles
+    from jaxvlm.train import mesh as M
+    if overrides:
+        print(f"[demo] SC-Tune runs its own loop, not the recipe's: {list(overrides)} do not apply to it", file=sys.stderr)
+    records = sc_tune_records(world)
+    describer = max(1, round(steps * 2 / 3))
+    # the loop stops once its step count exceeds max_steps
+    sc = SCTuneConfig(caption_steps=describer, bbox_steps=max(1, steps - describer), max_steps=steps - 1, **SC_TUNE)
+    export, run = out / "checkpoint", out / "run"
+    digest = _tuning_digest(ckpt, json.dumps([repr(sc), SC_TUNE_BATCH, records]).encode())
+    stamp = out / "tuned_from.sha256"
+    if export.is_dir() and stamp.is_file() and stamp.read_text() == digest:
+        print(f"[demo] SC-Tune: reusing {export}", file=sys.stderr)
+        return export
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.rmtree(export, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
+    cfg, model, params, tok, proc, _ = load_model(str(ckpt))
+    roles = ChatRoles(model, tok, proc, "vicuna_v1", describe=REG_PROMPT, locate=REC_PROMPT.format(expr="{caption}"))
+    print(f"[demo] SC-Tune: {len(records)} referable objects; {steps} steps", file=sys.stderr)
+    tuner = SCTune(model, params, tok, sc, roles=roles, batch_size=SC_TUNE_BATCH,
+                   mesh=M.make_mesh((1, 1, 1), jax.devices()[:1]), max_len=160)
+    tuner.train(records, world.image_root, out_dir=run)
+    save_converted(export, cfg, jax.device_get(tuner.state.params), hf_files=hf_files_of(ckpt))
+    stamp.write_text(digest)
+    return export
+
+
 #: Methods whose column decodes a model tuned for them: name -> tuner(ckpt, world, tok_dir, out, steps,
 #: overrides) -> tuned checkpoint.
-TUNERS = {"REVERSE": reverse_tune, "CoS": cos_tune, "JUDGER": judger_tune}
+TUNERS = {"REVERSE": reverse_tune, "CoS": cos_tune, "JUDGER": judger_tune, "SC-Tune": sc_tune_tune}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxvlm import demo as D
+from jaxvlm import demo_tuners
 from jaxvlm.demo_tuners import reverse_records
 
 TINY = ("model.text.hidden_size=64", "model.text.intermediate_size=128", "model.text.num_layers=2",
@@ -213,8 +214,16 @@ def test_decode_evaluate_and_pictures(trained):
     assert "<SPAN>" not in (out / "predictions_reverse" / "caption.jsonl").read_text()
     logs = [json.loads(line) for line in open(out / "reverse" / "train" / "metrics.jsonl") if '"loss"' in line]
     assert logs and logs[-1]["step"] == 6
+    # SC-Tune: one cycle of its own loop, 4 describer then 2 locator steps, decoding the object- and image-level tasks
+    assert set(methods["SC-Tune"]) == {"rec", "reg_meteor", "vqa", "chair"}
+    logs = [json.loads(line) for line in open(out / "sc-tune" / "run" / "metrics.jsonl")]
+    assert [r["phase"] for r in logs] == ["caption"] * 4 + ["bbox"] * 2
+    assert all(0.0 <= r["reward"] <= 1.0 for r in logs) and all(np.isfinite(r["loss"]) for r in logs)
+    written = (out / "sc-tune" / "checkpoint").stat().st_mtime_ns
+    assert demo_tuners.sc_tune_tune(ckpt, world, None, out / "sc-tune", 6) == out / "sc-tune" / "checkpoint"
+    assert (out / "sc-tune" / "checkpoint").stat().st_mtime_ns == written          # reused, not tuned again
     lines = D.format_table(metrics, base, methods).splitlines()
-    assert lines[0].split()[:7] == ["metric", "model", "UE", "REVERSE", "CoS", "CoS-ROI", "JUDGER"]
+    assert lines[0].split()[:8] == ["metric", "model", "UE", "REVERSE", "CoS", "CoS-ROI", "JUDGER", "SC-Tune"]
     vqa_row = next(ln for ln in lines if ln.startswith("VQA accuracy")).split()
     assert vqa_row[3] == "-" and float(vqa_row[2]) == pytest.approx(metrics["vqa"]["accuracy"], abs=5e-4)
     chair_row = next(ln for ln in lines if ln.startswith("CHAIR-i")).split()
