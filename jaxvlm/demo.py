@@ -60,8 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="decode batch size")
     p.add_argument("--methods", default=None,
                    help=f"decoding methods to score beside the model, comma-separated (of: {', '.join(METHODS)}; "
-                        "'' for none; default: every method the family serves; those that fine-tune the model, REVERSE, CoS "
-                        "and JUDGER, serve LLaVA only)")
+                        "'' for none; default: every method the family serves; those that tune the model, REVERSE, CoS, "
+                        "JUDGER and SC-Tune, serve LLaVA only)")
     p.add_argument("--save-asset", action="store_true",
                    help=f"write the trained checkpoint to {ASSET.relative_to(REPO)} (what the shipped demo uses)")
 

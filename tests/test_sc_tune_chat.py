@@ -120,3 +120,48 @@ def test_locator_and_describer_steps(chat, monkeypatch):
     assert all(np.array_equal(before[k], after[k]) for k in before if k.startswith("vision_tower/"))
     moved = [k for k in before if not np.array_equal(before[k], after[k])]
     assert any(k.startswith("multi_modal_projector/") for k in moved) and any(k.startswith("language_model/") for k in moved)
+
+
+def test_cli_tunes_a_converted_llava(chat, tmp_path, capsys):
+    import argparse
+    import json
+
+    from jaxvlm.conversion.converted import load_converted
+    from jaxvlm.methods import sc_tune_cli
+    data = tmp_path / "boxes.json"
+    data.write_text(json.dumps(chat["records"] * 4))
+    parser = argparse.ArgumentParser()
+    sc_tune_cli.add_arguments(parser)
+
+    def run(*extra):
+        argv = ["--checkpoint", str(chat["ckpt"]), "--data", str(data), "--image-root", str(chat["root"]),
+                "--out", str(tmp_path / "out"), "--batch-size", "8", "--max-steps", "1", "--caption-steps", "1",
+                "--caption-new-tokens", "8", "--box-new-tokens", "8", "--save-every", "1", "--dtype", "float32",
+                "--no-progress", *extra]
+        return sc_tune_cli.main(parser.parse_args(argv))
+
+    assert run("--describe-prompt", "Describe the region {box}.") == 0
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["phase"] for x in lines] == ["caption", "bbox"]           # one describer step, then the locator's
+    cfg, tuned = load_converted(tmp_path / "out" / "step_2")
+    _, source = load_converted(chat["ckpt"])
+    assert cfg == chat["model"].cfg
+    assert {x.dtype for x in jax.tree.leaves(tuned)} == {x.dtype for x in jax.tree.leaves(source)}
+    a, b = flat(tuned), flat(source)
+    assert all(np.array_equal(a[k], b[k]) for k in b if k.startswith("vision_tower/"))
+    assert not np.array_equal(a["language_model/lm_head/kernel"], b["language_model/lm_head/kernel"])
+    assert (tmp_path / "out" / "step_2" / "hf_files" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    # a resume that would overwrite a later step is refused; from the locator phase's start it continues
+    assert run("--resume", str(tmp_path / "out" / "step_1")) == 2
+    assert "already holds step_2 beyond --resume" in capsys.readouterr().err
+    import shutil
+    shutil.rmtree(tmp_path / "out" / "step_2")
+    assert run("--resume", str(tmp_path / "out" / "step_1")) == 0
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["phase"]) for x in lines] == [(1, "caption"), (2, "bbox"), (2, "bbox")]
+    _, again = load_converted(tmp_path / "out" / "step_2")
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(tuned)))
+    capsys.readouterr()
+    assert run("--out", str(tmp_path / "out2"), "--describe-prompt", "no field") == 2
+    assert "no {box} to fill in" in capsys.readouterr().err
