@@ -19,8 +19,9 @@ VLM such as LLaVA (`ChatRoles`). This module runs them as the original trainer d
   other half of the cycle), the optimizer state is cleared and the phase's constant learning rate set.
 - AdamW (beta2 0.95, weight decay 0.1 on matrices, global-norm clip 1.0), constant learning rates
   5e-7 (describer) and 1e-6 (locator); the ViT is frozen except its resampler (`attn_pool`), as the
-  original's ``fix_vit`` (a LLaVA's vision tower is frozen and its projector trains). Training stops once the global step exceeds `max_steps` (the original
-  checks ``global_step > 2400`` after the increment, so it runs 2401 batches).
+  original's ``fix_vit`` (a LLaVA's vision tower is frozen and its projector trains). Training stops
+  once the global step exceeds `max_steps` (the original checks ``global_step > 2400`` after the
+  increment, so it runs 2401 batches).
 
 Quirks kept (Qwen-VL-Chat): the teacher-forced log-probs attend to the prompts' left padding (the
 original passes an all-ones attention mask there; `attend_left_pads=False` masks it as generation
@@ -29,9 +30,9 @@ taken in eval mode and the PPO forward in train mode (no logn / dynamic NTK; ine
 model's ``seq_length``), the reward sits on the last column of the padded generation, and rewards
 and advantages are not normalised. Departures: the engine never emits image tokens (Qwen-VL's
 `<img>`, `</img>`, `<imgpad>`, LLaVA's `<image>`: one sampled by a random or broken model would make
-the next forward read a bogus image span; a trained model does not emit them); the KL averages the original logs in the
-locator phase are not computed (they feed nothing); an unreadable image stops the run with its path
-(the original silently swaps in a random record).
+the next forward read a bogus image span; a trained model does not emit them); the KL averages the
+original logs in the locator phase are not computed (they feed nothing); an unreadable image stops
+the run with its path (the original silently swaps in a random record).
 
 Sharding: params, the snapshot and the optimizer state are laid out by the logical-axis rules on
 the mesh (`jaxvlm.train.sharding`), the update steps are `make_train_step` steps, and every batch
@@ -187,7 +188,8 @@ def sft_loss_fn(model: Any, roles: Any):
     shifted cross-entropy, without `[B, T, vocab]` logits."""
     def loss_fn(params, batch, rng):
         out = model.apply({"params": params}, batch["input_ids"], batch["pixel_values"],
-                          attention_mask=batch["attention_mask"], logits="none", **roles.forward_kwargs(None, train=True))
+                          attention_mask=batch["attention_mask"], logits="none",
+                          **roles.forward_kwargs(None, train=True))
         k = batch["window_labels"].shape[1]
         idx = batch["window_start"][:, None] + jnp.arange(k)[None]
         h = jnp.take_along_axis(out.final_hidden, jnp.minimum(idx, out.final_hidden.shape[1] - 1)[..., None], axis=1)
