@@ -20,7 +20,8 @@
 set -euo pipefail
 REPO="${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}}"
 PORT="${JAX_COORDINATOR_PORT:-12355}"
-HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads the whole list: `head -n 1` could exit first, and the SIGPIPE would fail the job under pipefail
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 export JAX_COORDINATOR_ADDRESS="$HEAD:$PORT"
 export JAX_NUM_PROCESSES="${SLURM_NNODES:-1}"
 cd "$REPO"

@@ -69,11 +69,13 @@ def test_prompts_and_boxes_are_llava_15s_on_the_padded_square(chat):
     # IoU on the square equals IoU on the image (padding shifts and scales both boxes alike)
     shifted = [[0.1, 0.3, 0.5, 0.7]]
     on_image = box_iou(np.array(shifted), np.array(BOXES[:1]))[0, 0]
-    assert roles.iou([roles._to_square(shifted[0], images[0])], BOXES[:1], images[:1])[0] == pytest.approx(on_image)
+    assert roles.iou([roles.square_box(shifted[0], images[0])], BOXES[:1], images[:1])[0] == pytest.approx(on_image)
     assert roles.caption(toks[0]) == "[0.10, 0.26, 0.50, 0.58] and [0, 0, 1, 1]"
     np.testing.assert_array_equal(roles.gen_mask(toks)[0], np.arange(width) <= rows[0].index(tok.eos_token_id))
-    with pytest.raises(ValueError, match=r"\{box\}"):
+    with pytest.raises(ValueError, match=r"has no \{box\}"):
         ChatRoles(chat["model"], tok, roles.proc, "vicuna_v1", describe="Describe it.")
+    with pytest.raises(ValueError, match=r"can only have \{caption\}"):
+        ChatRoles(chat["model"], tok, roles.proc, "vicuna_v1", locate="Find {caption} in {image}.")
 
 
 def test_teacher_forcing_lines_up_with_the_sampled_tokens(chat):
@@ -110,7 +112,7 @@ def test_locator_and_describer_steps(chat, monkeypatch):
 
     # a describer step: the policy's caption of box 0 is located exactly, the snapshot's of neither
     tuner.restart(chat["params"])
-    exact = [roles._to_square(BOXES[0], images[0]), [0.0, 0.0, 0.0, 0.0]]
+    exact = [roles.square_box(BOXES[0], images[0]), [0.0, 0.0, 0.0, 0.0]]
     calls = iter([exact, [[0.0] * 4] * 2])
     monkeypatch.setattr(tuner, "locate", lambda params, ims, caps: next(calls))
     before = flat(tuner.state.params)

@@ -148,6 +148,17 @@ def get_template(template: str | ChatTemplate) -> ChatTemplate:
     return TEMPLATES[template]
 
 
+def end_tokens(template: str | ChatTemplate, tokenizer: Any) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """What ends an answer: (the ids a generator stops at, sorted: the tokenizer's EOS and the template's
+    one-token stop strings; the stop strings that take several tokens, to cut from the decoded text)."""
+    eos = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
+    stops = []
+    for s in get_template(template).stop_strings:
+        ids = tokenizer(s, add_special_tokens=False)["input_ids"]
+        eos.add(int(ids[0])) if len(ids) == 1 else stops.append(s)
+    return tuple(sorted(eos)), tuple(stops)
+
+
 # ----------------------------------------------------------------------------------------------- rendering
 
 @dataclasses.dataclass(frozen=True)

@@ -311,7 +311,7 @@ class Answerer:
     """Encodes (image, prompt) pairs with a chat template and decodes them in fixed-size batches."""
 
     def __init__(self, ckpt: str, args: argparse.Namespace):
-        from jaxvlm.data.chat_templates import get_template
+        from jaxvlm.data.chat_templates import end_tokens, get_template
         from jaxvlm.generate import SamplerConfig
 
         self.cfg, self.model, self.params, self.tok, self.proc, family = load_model(ckpt, args.dtype)
@@ -327,11 +327,8 @@ class Answerer:
             pad = self.tok.eod_id
         else:
             self.template = get_template(args.template or DEFAULT_TEMPLATES[family])
-            eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
-            stops = []
-            for s in self.template.stop_strings:   # one-token end-of-turn strings stop in the compiled loop
-                ids = self.tok(s, add_special_tokens=False)["input_ids"]
-                eos.add(ids[0]) if len(ids) == 1 else stops.append(s)
+            # one-token end-of-turn strings stop in the compiled loop, longer ones are cut from the text
+            eos, stops = end_tokens(self.template, self.tok)
             pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.stop_strings = tuple(stops)
         self.sampler = SamplerConfig(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,

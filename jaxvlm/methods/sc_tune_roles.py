@@ -115,21 +115,20 @@ class ChatRoles:
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, template: str | ct.ChatTemplate, *,
                  describe: str = LLAVA_DESCRIBE, locate: str = LLAVA_LOCATE, decimals: int = 2,
                  system: str | None = None):
-        for text, field in ((describe, "{box}"), (locate, "{caption}")):
-            if field not in text:
-                raise ValueError(f"the instruction {text!r} has no {field} to fill in")
+        for text, field in ((describe, "box"), (locate, "caption")):
+            try:
+                filled = text.format(**{field: "\0"})
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"the instruction {text!r} can only have {{{field}}} to fill in ({e!r})") from None
+            if "\0" not in filled:
+                raise ValueError(f"the instruction {text!r} has no {{{field}}} to fill in")
         cfg = model.cfg
         self.tok, self.proc, self.template = tokenizer, image_processor, ct.get_template(template)
         self.describe_text, self.locate_text, self.decimals, self.system = describe, locate, int(decimals), system
         self.image_token_id = cfg.image_token_id
-        eos = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
-        for s in self.template.stop_strings:     # one-token end-of-turn strings end an answer too
-            ids = tokenizer(s, add_special_tokens=False)["input_ids"]
-            if len(ids) == 1:
-                eos.add(ids[0])
-        if not eos:
+        self.eos_ids, self.stop_strings = ct.end_tokens(self.template, tokenizer)
+        if not self.eos_ids:
             raise ValueError("the tokenizer has no EOS token and the template no one-token stop string")
-        self.eos_ids = tuple(sorted(eos))
         self.pad_id = self.eos_ids[0]          # generated rows are padded with an EOS after they end
         self.ban_ids = (cfg.image_token_id,)   # a sampled image token would break the next forward's splice
         size = cfg.vision.image_size
@@ -145,12 +144,13 @@ class ChatRoles:
         return dict(positions=positions)
 
     def gen_mask(self, tokens) -> np.ndarray:
-        """1 on each row's tokens up to and including its first EOS."""
+        """1 on each row's tokens up to and including its first EOS (a template stop string of several
+        tokens does not end generation: it is only cut from the caption's text)."""
         end = np.isin(np.asarray(tokens), self.eos_ids)
         return ((np.cumsum(end, axis=1) - end) == 0).astype(np.int32)
 
-    # boxes: the loop's are fractions of the image; the model's, of the square it is padded to
-    def _to_square(self, box: Sequence[float], image: Image.Image) -> list[float]:
+    def square_box(self, box: Sequence[float], image: Image.Image) -> list[float]:
+        """A box in fractions of `image` -> fractions of the square the processor pads it to (the model's)."""
         if getattr(self.proc, "aspect", "pad") != "pad":
             return list(map(float, box))
         w, h = image.size
@@ -160,7 +160,7 @@ class ChatRoles:
         return [(x1 * w + dx) / side, (y1 * h + dy) / side, (x2 * w + dx) / side, (y2 * h + dy) / side]
 
     def box_text(self, box: Sequence[float], image: Image.Image) -> str:
-        return "[" + ", ".join(f"{v:.{self.decimals}f}" for v in self._to_square(box, image)) + "]"
+        return "[" + ", ".join(f"{v:.{self.decimals}f}" for v in self.square_box(box, image)) + "]"
 
     def _messages(self, text: str, answer: str | None = None) -> list[dict]:
         msgs = [] if self.system is None else [{"role": "system", "content": self.system}]
@@ -190,7 +190,7 @@ class ChatRoles:
                 tokens = tokens[:i]
                 break
         text = self.tok.decode(tokens, skip_special_tokens=True)
-        for s in self.template.stop_strings:
+        for s in self.stop_strings:
             text = text.split(s)[0]
         return text.strip()
 
@@ -205,7 +205,7 @@ class ChatRoles:
     def iou(self, found: Sequence[Sequence[float]], boxes: Sequence[Sequence[float]],
             images: Sequence[Image.Image]) -> np.ndarray:
         """`[B]` IoU in the padded square's fractions (equal to the image's: padding shifts and scales both boxes)."""
-        truth = [self._to_square(b, im) for b, im in zip(boxes, images)]
+        truth = [self.square_box(b, im) for b, im in zip(boxes, images)]
         return box_iou(np.asarray(found, np.float32), np.asarray(truth, np.float32))[:, 0]
 
     def locator_batch(self, captions: Sequence[str], boxes: Sequence[Sequence[float]],
