@@ -122,6 +122,18 @@ def test_template_details(tok):
     assert [b - a for a, b in enc.image_spans] == [2, 5] and (enc.input_ids == 4).sum() == 7
 
 
+def test_end_tokens_split_one_token_stops_from_longer_ones(tok):
+    """One-token stop strings join the EOS (the compiled loop stops at them); longer ones are returned to be
+    cut from the text. A broken split would stop at the first piece of a longer string, or never at "</s>"."""
+    import dataclasses
+    eos = tok.convert_tokens_to_ids("</s>")
+    longer = "ASSISTANT:"
+    assert len(tok(longer, add_special_tokens=False)["input_ids"]) > 1
+    tpl = dataclasses.replace(ct.get_template("vicuna_v1"), stop_strings=("</s>", longer, "<image>"))
+    assert ct.end_tokens(tpl, tok) == (tuple(sorted({eos, tok.convert_tokens_to_ids("<image>")})), (longer,))
+    assert ct.end_tokens("vicuna_v1", tok) == ((eos,), ())
+
+
 def test_template_errors(tok):
     with pytest.raises(ValueError, match="unknown chat template 'nope'"):
         ct.get_template("nope")

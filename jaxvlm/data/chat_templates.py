@@ -155,7 +155,10 @@ def end_tokens(template: str | ChatTemplate, tokenizer: Any) -> tuple[tuple[int,
     stops = []
     for s in get_template(template).stop_strings:
         ids = tokenizer(s, add_special_tokens=False)["input_ids"]
-        eos.add(int(ids[0])) if len(ids) == 1 else stops.append(s)
+        if len(ids) == 1:
+            eos.add(int(ids[0]))
+        else:
+            stops.append(s)
     return tuple(sorted(eos)), tuple(stops)
 
 
