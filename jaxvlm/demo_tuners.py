@@ -28,8 +28,10 @@ def _tune_config(ckpt: pathlib.Path, world, tok_dir: pathlib.Path, out: pathlib.
     """The recipe fine-tuning `ckpt` for `steps` on `out/train.json` (the tuner writes it), with the recipe's
     optimizer, a 20-step warmup and the tower frozen; `extra`: more recipe keys. Exports `out/checkpoint`."""
     from jaxvlm.demo import recipe
+    # `ckpt` already holds the trained box-token rows; the recipe's number_init is for a random init only.
     cfg, _ = recipe(out, world, tok_dir, steps, overrides=tuple(overrides) + (
-        f"model.init_from={ckpt}", f"data.path={out / 'train.json'}", "optim.warmup_steps=20",
+        f"model.init_from={ckpt}", "model.number_init=False", f"data.path={out / 'train.json'}",
+        "optim.warmup_steps=20",
         "checkpoint.async_save=False", *extra))
     return cfg
 

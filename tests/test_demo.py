@@ -18,8 +18,7 @@ TINY = ("model.text.hidden_size=64", "model.text.intermediate_size=128", "model.
         "model.vision.intermediate_size=128", "model.vision.num_layers=2", "model.vision.num_heads=4",
         "data.batch_size=8", "optim.warmup_steps=10", "optim.default_lr=3e-3", "train.log_every=10",
         "checkpoint.every=10000", "checkpoint.async_save=False",
-        "model.number_init=True",   # off in the recipe; on here so the train loop's hook runs
-        "data.curriculum=[[20,1],[40,2]]")   # the recipe's stages are for 1400 steps
+        "data.curriculum=[[20,1],[40,2]]")   # the recipe's box tokens start Fourier-coded (model.number_init)
 
 
 @pytest.fixture(scope="module")

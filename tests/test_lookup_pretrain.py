@@ -111,12 +111,15 @@ def test_train_loop_starts_from_given_lm_and_projector_trees(tmp_path, world, to
     tiny = ["model.text.hidden_size=32", "model.text.intermediate_size=64", "model.text.num_layers=2",
             "model.text.num_heads=2", "model.text.num_kv_heads=1", "model.vision.hidden_size=32",
             "model.vision.intermediate_size=64", "model.vision.num_layers=2", "model.vision.num_heads=2",
-            "data.batch_size=8", "optim.default_lr=0.0", "optim.weight_decay=0.0", "checkpoint.async_save=False"]
+            "data.batch_size=8", "optim.default_lr=0.0", "optim.weight_decay=0.0", "checkpoint.async_save=False",
+            "model.number_init=False"]   # the recipe's number_init rewrites a random LM; lm_init gives the LM
     cfg, _ = D.recipe(tmp_path, world, tok_dir, steps=1, overrides=tuple(tiny), vision=dict(steps=0))
     lc = llava_config(cfg)
     ref = init_params(Llava(lc), jax.random.key(7), *example_inputs(lc))
     lm = save_param_tree(tmp_path / "lm.msgpack", ref["language_model"])
     proj = save_param_tree(tmp_path / "proj.msgpack", ref["multi_modal_projector"])
+    with pytest.raises(ValueError, match="model.number_init applies to a random LM only"):
+        train(apply_overrides(cfg, [f"model.lm_init={lm}", "model.number_init=True"]), progress=False)
     train(apply_overrides(cfg, [f"model.lm_init={lm}", f"model.projector_init={proj}"]), progress=False)
     _, params = load_converted(tmp_path / "checkpoint")
     for part in ("language_model", "multi_modal_projector"):

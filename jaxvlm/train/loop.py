@@ -412,6 +412,10 @@ def train(cfg: Config, hooks: Iterable[Callable[[int, dict], None]] = (), progre
                                  f"model.init_from={cfg.model.init_from!r}")
         params = load_init_params(cfg.model.init_from, lc)
     else:
+        if cfg.model.get("number_init") and cfg.model.get("lm_init"):
+            # number_init rewrites rows of a random LM's embedding and head; lm_init gives the whole LM
+            raise ValueError(f"model.number_init applies to a random LM only; model.lm_init={cfg.model.lm_init!r} "
+                             f"gives the LM (set model.number_init=False)")
         if family == "qwen2_vl" and cfg.model.get("projector_init"):
             raise ValueError("model.projector_init is LLaVA's projector; Qwen2/2.5-VL's merger is part of the "
                              "vision tower (model.vision_init)")
