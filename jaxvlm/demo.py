@@ -12,7 +12,7 @@
 5. write PNGs: predicted boxes, attention over the image, a logit-lens heatmap.
 
     jaxvlm demo --out out/demo              # uses the shipped checkpoint
-    jaxvlm demo --out out/demo --train      # retrains it from scratch (stage 0 + 1400 steps; 13 min on 2 cores)
+    jaxvlm demo --out out/demo --train      # retrains it from scratch (stage 0 + 4200 steps; ~15 min on 2 cores)
     jaxvlm demo --out out/demo_qwen --family qwen2_5_vl     # the Qwen2.5-VL recipe, trained from scratch
 """
 from __future__ import annotations
